@@ -1,0 +1,185 @@
+"""Greedy-generation throughput on CPU: Hugging Face eager `generate` vs an lmforge engine.
+
+What it measures: a SmolLM-135M-shaped Llama (random weights, seed 0) generates exactly N new tokens
+after a random batch-1 prompt of P tokens, in float32 and in bfloat16, once with transformers'
+`model.generate` (eager, dynamic cache) and once with `lmforge.load(...).generate`. Each is warmed up
+once and timed as the best of `--repeats` runs of the whole call (prefill + decode):
+
+    tokens/s      = N / seconds
+    bytes/step    = weight bytes (each parameter once, tied embeddings once)
+                    + KV-cache bytes per token * (P + N / 2)          (the mean context of a decode step)
+    bandwidth %   = bytes/step * tokens/s / measured memory read bandwidth
+
+The bandwidth share counts the prefill time as decode time, so it slightly understates the decode
+loop's own share. The "match" column counts the positions among the N generated tokens where lmforge
+picked the same token as transformers in the same dtype (float32 should match all N).
+
+Run (from the repository root):
+
+    python bench/decode_cpu.py [--new-tokens 64] [--prompt-len 32] [--repeats 3] [--threads N] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lmforge
+from lmforge.runtime.measure import memory_bandwidth
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                   num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                   rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+# torch.export's own run_decompositions (inside lmforge.optimize) trips this deprecation warning of torch's
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
+@dataclass
+class Row:
+    dtype: str
+    engine: str
+    tokens_per_s: float
+    ratio_vs_hf: float | None  # lmforge tokens/s over HF tokens/s in the same dtype
+    bandwidth_share: float  # achieved bytes/s over measured read bandwidth, 0..1
+    matching_tokens: int | None  # of the N generated tokens, how many equal HF's
+
+
+def build_model() -> LlamaForCausalLM:
+    """The SmolLM-135M-shaped Llama in float32, random weights from seed 0, with no eos token."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM_135M, dtype="float32")).eval()
+    model.generation_config.eos_token_id = None  # never stop early and never suppress a token
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def cpu_model() -> str:
+    """The CPU's "model name" from /proc/cpuinfo ("unknown" if absent)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's parameters; `parameters()` yields a tied tensor only once."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def best_of(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
+    """Run `fn` once to warm up, then `repeats` timed times; the best seconds and the last output."""
+    out = fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_tokens: int, repeats: int,
+                workdir: Path, bandwidth: float) -> list[Row]:
+    """The HF-eager and lmforge rows for one dtype."""
+    prompt_len = ids.shape[1]
+    hf = copy.deepcopy(model).to(DTYPES[dtype])
+    mask = torch.ones_like(ids)
+    hf_s, hf_out = best_of(lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
+                                               min_new_tokens=new_tokens, do_sample=False), repeats)
+    step_weights = weight_bytes(hf)
+    del hf
+
+    max_seq_len = -(-(prompt_len + new_tokens) // 64) * 64
+    out_dir = workdir / dtype
+    lmforge.optimize(model, output_dir=out_dir, dtype=dtype, max_seq_len=max_seq_len)
+    eng = lmforge.load(out_dir)
+    lm_s, lm_out = best_of(lambda: eng.generate(ids, max_new_tokens=new_tokens, do_sample=False), repeats)
+    kv_bytes = eng.ir.kv.bytes_per_token() * (prompt_len + new_tokens / 2)
+    del eng
+
+    step_bytes = step_weights + kv_bytes
+    hf_tps, lm_tps = new_tokens / hf_s, new_tokens / lm_s
+    hf_new, lm_new = hf_out[0, prompt_len:], lm_out[0, prompt_len:]
+    if hf_new.numel() != new_tokens or lm_new.numel() != new_tokens:
+        raise RuntimeError(f"expected {new_tokens} new tokens, got HF {hf_new.numel()}, lmforge {lm_new.numel()}")
+    matching = int((hf_new == lm_new).sum())
+    return [
+        Row(dtype, "HF eager", hf_tps, None, step_bytes * hf_tps / bandwidth, None),
+        Row(dtype, "lmforge", lm_tps, lm_tps / hf_tps, step_bytes * lm_tps / bandwidth, matching),
+    ]
+
+
+def format_table(rows: list[Row], new_tokens: int) -> str:
+    """The rows as an aligned plain-text table."""
+    head = ("dtype", "engine", "tokens/s", "lmforge/HF", "bandwidth %", "match HF")
+    body = [(r.dtype, r.engine, f"{r.tokens_per_s:.1f}",
+             "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x",
+             f"{100 * r.bandwidth_share:.1f}",
+             "-" if r.matching_tokens is None else f"{r.matching_tokens}/{new_tokens}") for r in rows]
+    widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
+    left = {0, 1}  # text columns left-aligned, numbers right-aligned
+
+    def fmt(line: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
+    p.add_argument("--prompt-len", type=int, default=32, help="random prompt length (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; best counts (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    args = p.parse_args()
+    if args.new_tokens < 1 or args.prompt_len < 1 or args.repeats < 1:
+        p.error("--new-tokens, --prompt-len and --repeats must be >= 1")
+    if args.prompt_len + args.new_tokens > SMOLLM_135M["max_position_embeddings"]:
+        p.error("--prompt-len + --new-tokens exceeds the model's 2048 positions")
+    return args
+
+
+def main() -> None:
+    """Measure bandwidth, run both engines in both dtypes and print the results."""
+    args = parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    bandwidth = memory_bandwidth("cpu")
+    model = build_model()
+    ids = torch.randint(0, SMOLLM_135M["vocab_size"], (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="lmforge-decode-bench-") as work:
+        for dtype in DTYPES:
+            rows += bench_dtype(model, dtype, ids, args.new_tokens, args.repeats, Path(work), bandwidth)
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
+            "bandwidth_gb_s": round(bandwidth / 1e9, 2), "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "repeats": args.repeats}
+    if args.json:
+        print(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2))
+        return
+    print(f"{meta['date']}  torch {meta['torch']}  transformers {meta['transformers']}  {meta['cpu']}  "
+          f"{meta['threads']} threads  read bandwidth {meta['bandwidth_gb_s']:.1f} GB/s  "
+          f"(prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeats})")
+    print(format_table(rows, args.new_tokens))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The Python API: `lmforge.optimize` (capture -> passes -> artifact) and `lmforge.load` (artifact -> engine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from lmforge.errors import LmforgeError
+from lmforge.runtime.artifact import Artifact
+
+DEFAULT_MAX_SEQ_LEN = 4096  # cap for models whose position limit is larger: the cache is batch x this
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def _dtype_arg(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if isinstance(dtype, torch.dtype) and dtype not in _DTYPES.values():
+            raise LmforgeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise LmforgeError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _position_limit(config: dict[str, Any]) -> int | None:
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _config_dtype(config) -> torch.dtype:
+    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(name, torch.dtype):
+        return name
+    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def _tokenizer_for(source: str | None, tokenizer, workdir: Path) -> tuple[dict[str, Path], dict[str, Any] | None]:
+    """Tokenizer files to ship and the special-token ids the runtime needs (or nothing, if none is known)."""
+    files: dict[str, Path] = {}
+    src_dir = Path(source) if source and Path(source).is_dir() else None
+    if tokenizer is None and src_dir is not None and (src_dir / "tokenizer.json").is_file():
+        files = {name: src_dir / name for name in TOKENIZER_FILES if (src_dir / name).is_file()}
+    else:
+        if tokenizer is None and source is not None:
+            try:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(source)
+            except Exception:  # no tokenizer is fine: the artifact then runs on token ids
+                tokenizer = None
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(workdir))
+            files = {name: workdir / name for name in TOKENIZER_FILES if (workdir / name).is_file()}
+    if "tokenizer.json" not in files:
+        return {}, None
+    return files, {"files": sorted(files)}
+
+
+def _special_ids(info: dict[str, Any] | None, config: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any] | None:
+    if info is None:
+        return None
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = generation.get(key, config.get(key))
+        if isinstance(value, list):
+            value = value[0] if value else None
+        info[key] = value
+    return info
+
+
+def optimize(
+    model_or_path: str | Path | nn.Module | None,
+    output_dir: str | Path = "out",
+    dtype: str | torch.dtype | None = None,
+    max_seq_len: int | None = None,
+    *,
+    pipeline: str | None = None,
+    tokenizer=None,
+    instruments=None,
+    progress: Callable[[str], None] | None = None,
+) -> Artifact:
+    """Capture a causal LM, optimize it and write an artifact to `output_dir`.
+
+    model_or_path: a local Hugging Face directory, a hub id (when online), a `transformers` model, or None for
+    the embedded demo model. dtype: float32, bfloat16 or float16 (default: the checkpoint's). max_seq_len: the
+    KV cache length (default: the model's position limit, capped at 4096). pipeline: a pass pipeline string
+    (default: `lmforge.passes.default_pipeline(dtype)`).
+    """
+    import tempfile
+
+    from lmforge.ir.capture import capture, load_hf_model
+    from lmforge.passes import PassManager, default_pipeline
+    from lmforge.runtime.artifact import write_artifact
+
+    step = progress or (lambda _: None)
+    target = _dtype_arg(dtype)
+    source: str | None
+    if model_or_path is None:
+        from lmforge.demo import model_dir
+
+        model_or_path = model_dir()
+    if isinstance(model_or_path, nn.Module):
+        model, source = model_or_path, None
+        native = next(model.parameters()).dtype
+        target = target or native
+        if native != torch.float32 and target != native:
+            raise LmforgeError(f"the model is in {native}; pass a float32 model to convert it to {target}")
+    else:
+        source = str(model_or_path)
+        step("load")
+        model = load_hf_model(source, dtype=torch.float32)
+        target = target or _config_dtype(model.config)
+    config = model.config.to_dict()
+    limit = _position_limit(config)
+    if max_seq_len is None:
+        max_seq_len = min(limit or DEFAULT_MAX_SEQ_LEN, DEFAULT_MAX_SEQ_LEN)
+    if max_seq_len < 1 or (limit is not None and max_seq_len > limit):
+        raise LmforgeError(f"max_seq_len must be between 1 and the model's position limit {limit}, got {max_seq_len}")
+
+    step("capture")
+    ir = capture(model, source=source or type(model).__name__)
+    dtype_name = str(target).removeprefix("torch.")
+    native = next(model.parameters()).dtype
+    pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len)
+    PassManager(pipeline, instruments).run(ir)
+    if ir.kv.dtype != target:
+        raise LmforgeError(f"the pipeline left the graph in {ir.kv.dtype}, but dtype {dtype_name} was asked for; "
+                           f"add convert-dtype{{dtype={dtype_name}}} to it")
+
+    with tempfile.TemporaryDirectory() as work:
+        files, info = _tokenizer_for(source, tokenizer, Path(work))
+        generation = {}
+        if getattr(model, "generation_config", None) is not None:
+            generation = model.generation_config.to_dict()
+        info = _special_ids(info, config, generation)
+        step("write")
+        return write_artifact(ir, Path(output_dir), max_seq_len=max_seq_len, pipeline=pipeline,
+                              tokenizer_files=files, tokenizer_info=info)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
+    """Load an artifact for inference: an `Engine` with `forward`, `generate` and `stream`."""
+    from lmforge.runtime.engine import Engine
+
+    return Engine.load(path, device=device, verify=verify)

@@ -1,0 +1,262 @@
+"""The `lmforge` command: optimize, run, inspect, bench.
+
+Errors the user can fix print one line on stderr and exit 1 (2 for bad flags); `--debug` adds the traceback.
+Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from lmforge.errors import LmforgeError
+
+DEMO_OUT = "lmforge-demo"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show tracebacks, and verify the graph after every pass.")
+@click.version_option(package_name="lmforge")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """lmforge: optimize Hugging Face language models and run them fast.
+
+    \b
+    Examples:
+      lmforge optimize                          # the embedded demo model -> ./lmforge-demo
+      lmforge run lmforge-demo --prompt "The for statement"
+      lmforge optimize ./my-hf-model -o out --dtype bfloat16
+      lmforge inspect out --json
+      lmforge bench out --batch 4
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("model", required=False)
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path), help=f"Artifact directory [default: ./{DEMO_OUT} for the demo model, ./out otherwise].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute and storage dtype [default: the checkpoint's].")
+@click.option("--max-seq-len", type=click.IntRange(min=1), help="KV cache length [default: the model's position limit, at most 4096].")
+@click.option("--pipeline", help='Pass pipeline, e.g. "remove-noops,dce,convert-dtype{dtype=bfloat16},constant-fold,dce".')
+@click.option("--print-after", multiple=True, metavar="PASS", help="Print the IR after this pass (repeatable; 'all' for every pass).")
+@click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after every pass into this directory.")
+@click.pass_context
+def optimize(ctx, model, output, dtype, max_seq_len, pipeline, print_after, dump_ir):
+    """Capture MODEL, run the pass pipeline and write an artifact.
+
+    MODEL is a local Hugging Face directory (from save_pretrained) or a hub id (when online); without it,
+    the embedded demo model is used.
+
+    \b
+    Examples:
+      lmforge optimize
+      lmforge optimize ./TinyLlama -o tinyllama --dtype bfloat16 --max-seq-len 2048
+      lmforge optimize ./gpt2 -o gpt2 --print-after constant-fold
+    """
+    import lmforge
+    from lmforge.passes import Instruments
+
+    debug = ctx.obj["debug"]
+    output = output or Path(DEMO_OUT if model is None else "out")
+    console = _console()
+    instruments = Instruments(
+        print_after=frozenset(print_after), print_fn=click.echo, dump_dir=dump_ir, verify_each=debug,
+        reproducer_dir=output.parent / f"{output.name}.reproducer" if debug else None,
+    )
+    with console.status("starting") as status:
+        def progress(stage: str) -> None:
+            status.update({"load": "loading the model", "capture": "capturing with torch.export",
+                           "write": "writing the artifact"}.get(stage, stage))
+
+        instruments.on_pass_start = lambda name: status.update(f"pass {name}")
+        art = lmforge.optimize(model, output, dtype=dtype, max_seq_len=max_seq_len, pipeline=pipeline,
+                               instruments=instruments, progress=progress)
+    m = art.manifest
+    size = sum(f["bytes"] for f in m["files"].values())
+    click.echo(f"wrote {art.path} ({size / 1e6:.1f} MB): {m['source']['model']}, {m['dtype']}, "
+               f"max_seq_len {m['max_seq_len']}, {m['params'] / 1e6:.2f}M params")
+    for h in m["passes"]:
+        stats = ", ".join(f"{k}={v}" for k, v in h["stats"].items() if v)
+        click.echo(f"  {h['pass']:<36} {h['seconds'] * 1000:7.1f} ms  {h['nodes_before']:>5} -> {h['nodes_after']:<5} nodes  {stats}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", required=True, help="Text to continue.")
+@click.option("-n", "--max-new-tokens", default=64, show_default=True, type=click.IntRange(min=0))
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), help="Sample with this temperature (default: greedy).")
+@click.option("--top-k", type=click.IntRange(min=1), help="Sample from the k most likely tokens.")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), help="Sample from the smallest set reaching probability p.")
+@click.option("--seed", type=int, help="Random seed for sampling.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--no-stream", is_flag=True, help="Print the text once finished instead of as it is generated.")
+def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, device, no_stream):
+    """Generate text from ARTIFACT, streaming it to stdout.
+
+    \b
+    Examples:
+      lmforge run lmforge-demo --prompt "The for statement"
+      lmforge run out -p "Once upon a time" -n 128 --temperature 0.8 --top-p 0.95 --seed 1
+    """
+    import torch
+
+    import lmforge
+
+    eng = lmforge.load(artifact, device=device)
+    sample = temperature is not None or top_k is not None or top_p is not None
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=eng.device).manual_seed(seed)
+    kwargs = dict(do_sample=sample, temperature=temperature or 1.0, top_k=top_k, top_p=top_p, generator=generator)
+    click.echo(prompt, nl=False)
+    if no_stream:
+        click.echo("".join(eng.stream(prompt, max_new_tokens, **kwargs)))
+        return
+    for piece in eng.stream(prompt, max_new_tokens, **kwargs):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--ir", "show_ir", is_flag=True, help="Print the graph IR.")
+@click.option("--context", default=1024, show_default=True, type=click.IntRange(min=0), help="Context length for FLOPs/token.")
+def inspect(artifact, as_json, show_ir, context):
+    """Describe ARTIFACT: manifest, passes and their stats, op counts, sizes, KV bytes/token, FLOPs/token.
+
+    \b
+    Examples:
+      lmforge inspect lmforge-demo
+      lmforge inspect out --json | python -m json.tool
+      lmforge inspect out --ir | less
+    """
+    from lmforge.ir.analysis import cost
+    from lmforge.ir.printer import format_ir
+    from lmforge.runtime.artifact import load_graph, read_manifest, verify_files
+
+    art = read_manifest(artifact)
+    verify_files(art)
+    ir = load_graph(art)
+    if show_ir:
+        click.echo(format_ir(ir))
+        return
+    m = art.manifest
+    c = cost(ir)
+    info = {
+        "path": str(art.path),
+        "format_version": m["format_version"],
+        "lmforge_version": m.get("lmforge_version"),
+        "source": m.get("source"),
+        "dtype": m["dtype"],
+        "max_seq_len": m["max_seq_len"],
+        "pipeline": m.get("pipeline"),
+        "passes": m.get("passes", []),
+        "ops": ir.op_counts(),
+        "nodes": len(ir.graph.nodes),
+        "params": ir.param_count(),
+        "param_bytes": ir.param_bytes(),
+        "kv_layers": len(ir.kv.layers),
+        "kv_bytes_per_token": ir.kv.bytes_per_token(),
+        "flops_per_token": {"matmul": c.matmul_flops_per_token,
+                            "attention_per_context_token": c.attention_flops_per_context_token,
+                            f"total_at_context_{context}": c.flops_per_token(context)},
+        "files": {k: v["bytes"] for k, v in m["files"].items()},
+        "tokenizer": m.get("tokenizer"),
+    }
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    src = info["source"] or {}
+    click.echo(f"{info['path']}: {src.get('model')} ({', '.join(src.get('architectures') or [])}), lmforge {info['lmforge_version']}, format v{info['format_version']}")
+    click.echo(f"  dtype {info['dtype']}, max_seq_len {info['max_seq_len']}, {info['params'] / 1e6:.2f}M params, {info['param_bytes'] / 1e6:.1f} MB of weights")
+    click.echo(f"  KV cache: {info['kv_layers']} layers, {info['kv_bytes_per_token']} bytes/token "
+               f"({info['kv_bytes_per_token'] * info['max_seq_len'] / 1e6:.1f} MB per sequence at max_seq_len)")
+    click.echo(f"  FLOPs/token: {c.matmul_flops_per_token / 1e6:.1f} M in matmuls + {c.attention_flops_per_context_token} per context token "
+               f"= {c.flops_per_token(context) / 1e6:.1f} M at context {context}")
+    click.echo(f"  pipeline: {info['pipeline']}")
+    for h in info["passes"]:
+        stats = ", ".join(f"{k}={v}" for k, v in h["stats"].items() if v) or "no change"
+        click.echo(f"    {h['pass']:<36} {h['seconds'] * 1000:7.1f} ms  {stats}")
+    click.echo(f"  ops ({info['nodes']} nodes):")
+    for name, count in info["ops"].items():
+        click.echo(f"    {count:5d}  {name}")
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--prompt-len", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs (the best is kept).")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def bench(artifact, batch, prompt_len, new_tokens, repeats, device, as_json):
+    """Time prefill and decode of ARTIFACT on random prompts.
+
+    Reports TTFT, TPOT, tokens/s, and the share of this machine's measured memory bandwidth (MBU) and
+    peak matmul FLOP/s (MFU) they amount to.
+
+    \b
+    Examples:
+      lmforge bench lmforge-demo
+      lmforge bench out --batch 8 --prompt-len 128 --new-tokens 128 --json
+    """
+    import lmforge
+    from lmforge.runtime.measure import bench_engine
+
+    eng = lmforge.load(artifact, device=device)
+    with _console().status("benchmarking"):
+        r = bench_engine(eng, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+    if as_json:
+        click.echo(json.dumps(r.as_dict(), indent=2))
+        return
+    click.echo(f"batch {batch}, prompt {prompt_len}, new tokens {new_tokens}, {eng.ir.kv.dtype}, {device}")
+    click.echo(f"  TTFT          {r.ttft_s * 1000:9.2f} ms")
+    click.echo(f"  TPOT          {r.tpot_s * 1000:9.2f} ms")
+    click.echo(f"  decode        {r.decode_tokens_per_s:9.1f} tokens/s")
+    click.echo(f"  end to end    {r.end_to_end_tokens_per_s:9.1f} tokens/s")
+    click.echo(f"  MBU           {r.mbu * 100:9.1f} %   of {r.bandwidth_gb_s:.1f} GB/s measured")
+    click.echo(f"  MFU (prefill) {r.mfu * 100:9.1f} %   of {r.peak_tflops:.3f} TFLOP/s measured")
+
+
+def main(argv: list[str] | None = None) -> int:
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        cli.main(args=argv, prog_name="lmforge", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        return 130
+    except click.exceptions.ClickException as e:  # bad flags and arguments
+        click.echo(f"error: {e.format_message()}", err=True)
+        return e.exit_code
+    except LmforgeError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        return 1
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        detail = str(e).splitlines()[0] if str(e) else ""
+        click.echo(f"internal error: {type(e).__name__}: {detail} (run with --debug for the traceback)", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Kernels and the ops that call them. Importing this package registers the `lmforge::` ops."""

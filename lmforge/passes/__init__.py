@@ -1,0 +1,28 @@
+"""Passes over `GraphIR`, run by the pass manager in `manager.py`.
+
+Importing this package registers the built-in passes. `default_pipeline` is what `lmforge optimize` runs.
+"""
+
+from lmforge.passes import constant_fold, convert_dtype, dce, remove_noops  # noqa: F401  (registration)
+from lmforge.passes.manager import (
+    Instruments,
+    PassManager,
+    PassResult,
+    format_pipeline,
+    parse_pipeline,
+    register_pass,
+    registered_passes,
+)
+
+__all__ = ["Instruments", "PassManager", "PassResult", "default_pipeline", "format_pipeline", "parse_pipeline",
+           "register_pass", "registered_passes"]
+
+
+def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None) -> str:
+    """cleanup -> lower (dtype) -> fold (and tabulate per-position work up to max_seq_len) -> cleanup."""
+    steps = ["remove-noops", "dce"]
+    if dtype in ("bfloat16", "float16"):
+        steps.append(f"convert-dtype{{dtype={dtype}}}")
+    steps.append(f"constant-fold{{max_positions={max_seq_len}}}" if max_seq_len else "constant-fold")
+    steps.append("dce")
+    return ",".join(steps)

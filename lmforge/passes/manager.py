@@ -1,0 +1,259 @@
+"""The pass manager: named passes, textual pipelines, properties and instruments.
+
+A pass is a plain function `fn(ir: GraphIR, options) -> PassResult`, registered by name with
+`@register_pass`. It holds no state between runs; its options come in a frozen dataclass that the pipeline
+string fills in:
+
+    "remove-noops,dce,constant-fold,convert-dtype{dtype=bfloat16}"
+
+Each pass declares the graph properties it `requires` and the ones it `establishes`; every property not
+listed in `preserves` is dropped after it runs (MLIR's rule: nothing survives unless declared preserved).
+The manager checks requirements before each pass, records time and stats, and runs instruments around
+it: print-after, dump-to-directory, verify-after-each (debug mode) and a reproducer written when a pass
+fails, holding the input graph and the pipeline string that broke it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from lmforge.errors import PassError
+from lmforge.ir.graph import GraphIR
+
+
+@dataclass(frozen=True)
+class PassResult:
+    changed: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    pass
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    name: str
+    fn: Callable[[GraphIR, Any], PassResult]
+    options: type
+    phase: str
+    requires: frozenset[str]
+    establishes: frozenset[str]
+    preserves: frozenset[str]
+
+
+# Properties a graph can have; capture establishes the first two.
+PROPERTIES = frozenset({"specs", "cache-in-place", "no-asserts", "folded", "dtype-converted"})
+CAPTURED = frozenset({"specs", "cache-in-place"})
+
+_REGISTRY: dict[str, PassInfo] = {}
+
+
+def register_pass(
+    name: str,
+    *,
+    options: type = NoOptions,
+    phase: str = "cleanup",
+    requires: Iterable[str] = ("specs",),
+    establishes: Iterable[str] = (),
+    preserves: Iterable[str] = PROPERTIES,
+):
+    """Register `fn` under `name`. Options must be a frozen dataclass with defaults for every field."""
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"pass {name!r} registered twice")
+        _REGISTRY[name] = PassInfo(
+            name, fn, options, phase, frozenset(requires), frozenset(establishes), frozenset(preserves)
+        )
+        return fn
+
+    return wrap
+
+
+def registered_passes() -> dict[str, PassInfo]:
+    import lmforge.passes  # noqa: F401  (registers the built-in passes)
+
+    return dict(_REGISTRY)
+
+
+# --- pipelines ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineStep:
+    name: str
+    options: Any
+
+    def __str__(self) -> str:
+        fields = [
+            f"{f.name}={_format_value(getattr(self.options, f.name))}"
+            for f in dataclasses.fields(self.options)
+            if getattr(self.options, f.name) != f.default
+        ]
+        return f"{self.name}{{{','.join(fields)}}}" if fields else self.name
+
+
+def _format_value(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def parse_pipeline(text: str) -> list[PipelineStep]:
+    """`"a,b{k=v,k2=v2}"` -> steps; the inverse of `format_pipeline`."""
+    passes = registered_passes()
+    steps: list[PipelineStep] = []
+    for item in _split_top_level(text):
+        name, _, rest = item.partition("{")
+        name = name.strip()
+        if name not in passes:
+            raise PassError(f"unknown pass {name!r} in pipeline {text!r}; known: {', '.join(sorted(passes))}")
+        if rest and not rest.endswith("}"):
+            raise PassError(f"unclosed '{{' after {name!r} in pipeline {text!r}")
+        options = _parse_options(passes[name], rest[:-1] if rest else "")
+        steps.append(PipelineStep(name, options))
+    return steps
+
+
+def format_pipeline(steps: Iterable[PipelineStep]) -> str:
+    return ",".join(str(s) for s in steps)
+
+
+def _split_top_level(text: str) -> list[str]:
+    items, depth, current = [], 0, ""
+    for ch in text:
+        depth += ch == "{"
+        depth -= ch == "}"
+        if ch == "," and depth == 0:
+            items.append(current)
+            current = ""
+        else:
+            current += ch
+    items.append(current)
+    return [i.strip() for i in items if i.strip()]
+
+
+def _parse_options(info: PassInfo, text: str):
+    fields = {f.name: f for f in dataclasses.fields(info.options)}
+    hints = typing.get_type_hints(info.options)
+    values: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, raw = pair.partition("=")
+        key = key.strip().replace("-", "_")
+        if not eq or key not in fields:
+            known = ", ".join(fields) or "none"
+            raise PassError(f"bad option {pair!r} for pass {info.name!r}; its options: {known}")
+        values[key] = _convert(raw.strip(), hints[key], f"{info.name}.{key}")
+    return info.options(**values)
+
+
+def _convert(raw: str, typ: Any, where: str) -> Any:
+    if typ is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise PassError(f"{where} must be true or false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    if typ in (int, float):
+        try:
+            return typ(raw)
+        except ValueError:
+            raise PassError(f"{where} must be {typ.__name__}, got {raw!r}") from None
+    return raw
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Instruments:
+    """What the manager does around each pass."""
+
+    print_after: frozenset[str] = frozenset()  # pass names whose output IR is printed ("all" for every pass)
+    print_fn: Callable[[str], None] = print
+    dump_dir: Path | None = None  # write the IR after each pass to NN-name.txt here
+    verify_each: bool = False  # run the verifier after every pass (debug mode)
+    reproducer_dir: Path | None = None  # on failure: input graph + pipeline string, for `lmforge` to replay
+    on_pass_start: Callable[[str], None] | None = None  # progress reporting
+
+
+class PassManager:
+    def __init__(self, pipeline: str | list[PipelineStep], instruments: Instruments | None = None):
+        self.steps = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
+        self.instruments = instruments or Instruments()
+
+    @property
+    def pipeline(self) -> str:
+        return format_pipeline(self.steps)
+
+    def run(self, ir: GraphIR, properties: frozenset[str] = CAPTURED) -> GraphIR:
+        from lmforge.ir.printer import format_ir
+        from lmforge.ir.verify import verify
+
+        passes = registered_passes()
+        inst = self.instruments
+        verify(ir, where="before the pipeline")
+        done: list[str] = []
+        for index, step in enumerate(self.steps):
+            info = passes[step.name]
+            missing = info.requires - properties
+            if missing:
+                raise PassError(
+                    f"pass {step.name!r} requires {sorted(missing)}, which the passes before it "
+                    f"({', '.join(done) or 'none'}) did not establish or did not preserve"
+                )
+            if inst.on_pass_start:
+                inst.on_pass_start(step.name)
+            nodes_before = len(ir.graph.nodes)
+            snapshot = _snapshot(ir) if inst.reproducer_dir else None
+            start = time.perf_counter()
+            try:
+                result = info.fn(ir, step.options)
+                ir.gm.recompile()
+                if inst.verify_each:
+                    verify(ir, where=f"after pass {step.name!r}")
+            except Exception as e:
+                if snapshot is not None:
+                    _write_reproducer(snapshot, self.steps[index:], inst.reproducer_dir)
+                before = f" (after {', '.join(done)})" if done else ""
+                detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise PassError(f"pass {step.name!r} failed{before}: {detail}") from e
+            seconds = time.perf_counter() - start
+            properties = (properties & info.preserves) | info.establishes
+            done.append(step.name)
+            ir.history.append(
+                {
+                    "pass": str(step),
+                    "seconds": round(seconds, 4),
+                    "changed": result.changed,
+                    "stats": dict(result.stats),
+                    "nodes_before": nodes_before,
+                    "nodes_after": len(ir.graph.nodes),
+                }
+            )
+            text = None
+            if step.name in inst.print_after or "all" in inst.print_after:
+                text = format_ir(ir)
+                inst.print_fn(f"// IR after {step}\n{text}")
+            if inst.dump_dir is not None:
+                inst.dump_dir.mkdir(parents=True, exist_ok=True)
+                (inst.dump_dir / f"{index:02d}-{step.name}.txt").write_text(text or format_ir(ir))
+        verify(ir, where="after the pipeline")
+        return ir
+
+
+def _snapshot(ir: GraphIR):
+    from lmforge.ir.serialize import graph_to_json
+
+    return graph_to_json(ir)
+
+
+def _write_reproducer(graph_json: dict, steps: list[PipelineStep], out: Path) -> None:
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "graph.json").write_text(json.dumps(graph_json))
+    (out / "pipeline.txt").write_text(format_pipeline(steps) + "\n")

@@ -1,0 +1,121 @@
+"""Measurements of this machine and of an engine, shared by `lmforge bench` and `bench/`.
+
+- memory read bandwidth: best of several `sum()` passes over a tensor much larger than the caches;
+- peak matmul FLOP/s: best of several square matmuls in the given dtype;
+- TTFT (prefill of the prompt) and TPOT (mean decode step), timed with the device synchronized.
+MBU = bytes a decode step must read (weights + the KV cache so far) / TPOT / bandwidth.
+MFU = FLOPs of the timed work / time / peak FLOP/s.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best(fn, device: torch.device, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def memory_bandwidth(device: torch.device | str = "cpu", nbytes: int = 1 << 29, repeats: int = 5) -> float:
+    """Bytes per second read by a full-tensor reduction."""
+    device = torch.device(device)
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    x.sum()
+    return nbytes / _best(lambda: x.sum(), device, repeats)
+
+
+def peak_flops(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, n: int = 2048,
+               repeats: int = 3) -> float:
+    """FLOP/s of an n x n x n matmul (best of `repeats`)."""
+    device = torch.device(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    return 2 * n**3 / _best(lambda: a @ b, device, repeats)
+
+
+@dataclass
+class BenchResult:
+    batch: int
+    prompt_len: int
+    new_tokens: int
+    ttft_s: float  # prefill of the whole batch
+    tpot_s: float  # mean time of one decode step (one token for every row)
+    decode_tokens_per_s: float  # batch / tpot
+    end_to_end_tokens_per_s: float  # batch * new_tokens / (ttft + all decode steps)
+    mbu: float | None  # share of the measured memory bandwidth a decode step uses
+    mfu: float | None  # share of the measured peak FLOP/s prefill reaches
+    bandwidth_gb_s: float | None
+    peak_tflops: float | None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def bench_engine(eng, batch: int = 1, prompt_len: int = 32, new_tokens: int = 64, warmup: int = 1,
+                 repeats: int = 3, machine: bool = True) -> BenchResult:
+    """Time prefill and decode of random prompts on `eng` (best of `repeats` runs)."""
+    from lmforge.ir.analysis import cost
+    from lmforge.runtime.kv_cache import KVCache
+
+    device = eng.device
+    if prompt_len + new_tokens > eng.max_seq_len:
+        from lmforge.errors import GenerationError
+
+        raise GenerationError(f"prompt_len + new_tokens = {prompt_len + new_tokens} exceeds max_seq_len {eng.max_seq_len}")
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, eng.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    best_ttft = best_decode = float("inf")
+    with torch.inference_mode():
+        cache = KVCache(eng.ir.kv, batch, eng.max_seq_len, device)
+        for run in range(warmup + repeats):
+            mask = torch.zeros(batch, eng.max_seq_len, dtype=torch.long, device=device)
+            mask[:, :prompt_len] = 1
+            _sync(device)
+            t0 = time.perf_counter()
+            logits = eng.prefill(cache, ids, mask, prompt_len)
+            _sync(device)
+            t1 = time.perf_counter()
+            positions = torch.full((batch, 1), prompt_len - 1, device=device)
+            for step in range(new_tokens - 1):  # the first new token comes from the prefill
+                token = logits.argmax(-1, keepdim=True)
+                positions = positions + 1
+                logits = eng.decode(cache, token, positions, mask, prompt_len + step)
+            _sync(device)
+            t2 = time.perf_counter()
+            if run >= warmup:
+                best_ttft = min(best_ttft, t1 - t0)
+                best_decode = min(best_decode, t2 - t1)
+    steps = max(new_tokens - 1, 1)
+    tpot = best_decode / steps
+    bandwidth = memory_bandwidth(device) if machine else None
+    peak = peak_flops(device, eng.ir.kv.dtype) if machine else None
+    c = cost(eng.ir)
+    param_bytes = sum(t.numel() * t.element_size() for t in eng.ir.weights().values())
+    mean_context = prompt_len + steps / 2
+    step_bytes = param_bytes + batch * mean_context * eng.ir.kv.bytes_per_token()
+    prefill_flops = batch * sum(c.flops_per_token(i) for i in range(prompt_len))
+    return BenchResult(
+        batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, ttft_s=best_ttft, tpot_s=tpot,
+        decode_tokens_per_s=batch / tpot,
+        end_to_end_tokens_per_s=batch * new_tokens / (best_ttft + best_decode),
+        mbu=step_bytes / tpot / bandwidth if bandwidth else None,
+        mfu=prefill_flops / best_ttft / peak if peak else None,
+        bandwidth_gb_s=bandwidth / 1e9 if bandwidth else None,
+        peak_tflops=peak / 1e12 if peak else None,
+    )
