@@ -18,6 +18,16 @@ from lmforge.errors import LmforgeError
 DEMO_OUT = "lmforge-demo"
 
 
+def _quiet_transformers() -> None:
+    """Our status line replaces transformers' progress bars and advisory warnings on stderr."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _console():
     from rich.console import Console
 
@@ -66,6 +76,7 @@ def optimize(ctx, model, output, dtype, max_seq_len, pipeline, print_after, dump
     import lmforge
     from lmforge.passes import Instruments
 
+    _quiet_transformers()
     debug = ctx.obj["debug"]
     output = output or Path(DEMO_OUT if model is None else "out")
     console = _console()

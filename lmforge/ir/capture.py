@@ -32,6 +32,11 @@ def load_hf_model(source: str, dtype: torch.dtype | None = None) -> nn.Module:
         from transformers import AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover - transformers is a dependency of capture
         raise CaptureError("capturing a model needs `transformers`: pip install transformers") from e
+    from pathlib import Path
+
+    local = Path(source)
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise CaptureError(f"cannot load model {source!r}: the directory has no config.json (save it with save_pretrained)")
     kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -221,6 +226,8 @@ def capture(model: nn.Module, source: str = "", kv_dtype: torch.dtype | None = N
 
     ep = ep.run_decompositions({})  # to core ATen functional form, keeping SDPA and other composite ops
     config = model.config.to_dict()
+    if not config.get("architectures"):  # models built from a config, not from_pretrained, leave it empty
+        config["architectures"] = [type(model).__name__]
     return _lower(ep, config, KVCacheSpec(kv_layers, dtype), source or type(model).__name__)
 
 

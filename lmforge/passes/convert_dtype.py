@@ -34,7 +34,7 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 @dataclass(frozen=True)
 class ConvertDtypeOptions:
-    dtype: str = "bfloat16"  # the compute and storage dtype: bfloat16 or float16
+    dtype: str = ""  # the compute and storage dtype: bfloat16 or float16 (required: no silent default)
 
 
 CREATION_OPS = {aten.full.default, aten.zeros.default, aten.ones.default, aten.empty.memory_format,

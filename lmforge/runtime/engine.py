@@ -224,7 +224,7 @@ class Engine:
 
     def stream(self, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
         """Generate from a text prompt (batch 1), yielding text pieces as tokens arrive."""
-        eos = sampling.get("eos_token_id") or self.eos_token_id
+        eos = sampling["eos_token_id"] if sampling.get("eos_token_id") is not None else self.eos_token_id
         generated: list[int] = []
         printed = ""
         for token in self.iter_tokens(torch.tensor([self.encode(prompt)]), max_new_tokens, **sampling):

@@ -1,0 +1,149 @@
+"""The CLI as a user meets it: click's runner for each command, and one real subprocess end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lmforge.cli.main import cli, main
+from tests.conftest import make_model
+
+
+def invoke(*args: str) -> tuple[int, str, str]:
+    """Run `lmforge ARGS` in-process through `main` (which turns errors into one line + exit code)."""
+    runner = CliRunner()
+    result = runner.invoke(_Main(), list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+class _Main:
+    """Adapts `main(argv)` to CliRunner, which wants a click command."""
+
+    name = "lmforge"
+
+    def main(self, args, prog_name=None, **kwargs):
+        sys.exit(main(list(args)))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "demo"
+    code, stdout, stderr = invoke("optimize", "-o", str(out))
+    assert code == 0, stderr
+    assert f"wrote {out}" in stdout and "remove-noops" in stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hf") / "qwen2"
+    make_model("qwen2").save_pretrained(path)
+    return path
+
+
+def test_help_has_examples():
+    for command in ([], ["optimize"], ["run"], ["inspect"], ["bench"]):
+        code, stdout, _ = invoke(*command, "--help")
+        assert code == 0 and "Examples:" in stdout, command
+
+
+def test_optimize_local_dir_then_inspect_json(hf_dir, tmp_path):
+    out = tmp_path / "q"
+    code, stdout, stderr = invoke("optimize", str(hf_dir), "-o", str(out), "--dtype", "bfloat16", "--max-seq-len", "128")
+    assert code == 0, stderr
+    code, stdout, _ = invoke("inspect", str(out), "--json")
+    info = json.loads(stdout)
+    assert info["dtype"] == "bfloat16" and info["max_seq_len"] == 128
+    assert info["ops"]["aten.scaled_dot_product_attention.default"] == 2
+    assert info["ops"]["aten.index_copy_.default"] == 4
+    assert info["kv_bytes_per_token"] == 2 * 2 * 1 * 16 * 2  # layers, k+v, 1 kv head, head_dim 16, bf16
+    assert info["flops_per_token"]["matmul"] > 0 and info["params"] > 0
+    assert [p["pass"] for p in info["passes"]][:3] == ["remove-noops", "dce", "convert-dtype{dtype=bfloat16}"]
+
+
+def test_inspect_text_and_ir(demo):
+    code, stdout, _ = invoke("inspect", str(demo))
+    assert code == 0
+    assert "KV cache: 4 layers" in stdout and "FLOPs/token" in stdout and "aten.linear.default" in stdout
+    code, stdout, _ = invoke("inspect", str(demo), "--ir")
+    assert code == 0 and stdout.startswith("graph ") and "input %k_cache_3" in stdout
+
+
+def test_run_greedy_and_sampled(demo):
+    code, stdout, stderr = invoke("run", str(demo), "--prompt", "The for statement", "-n", "12")
+    assert code == 0, stderr
+    assert stdout.startswith("The for statement") and len(stdout) > len("The for statement") + 5
+    code2, again, _ = invoke("run", str(demo), "--prompt", "The for statement", "-n", "12", "--no-stream")
+    assert again == stdout  # greedy is deterministic, streamed or not
+    args = ["run", str(demo), "-p", "The for statement", "-n", "12", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
+    assert invoke(*args)[1] == invoke(*args)[1]
+
+
+def test_bench_json(demo):
+    code, stdout, stderr = invoke("bench", str(demo), "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--json")
+    assert code == 0, stderr
+    r = json.loads(stdout)
+    assert r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["decode_tokens_per_s"] > 0
+    assert 0 < r["mbu"] and 0 < r["mfu"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "/nonexistent/art", "-p", "hi"], "error: no artifact at /nonexistent/art"),
+    (["run", "{demo}", "-p", "hi", "-n", "100000"], "exceeds this artifact's max_seq_len"),
+    (["run", "{demo}", "-p", "hi", "--temperature", "-1"], "error: Invalid value for '--temperature'"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--max-seq-len", "100000"], "error: max_seq_len must be between 1 and the model's position limit 256"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--pipeline", "dce,frobnicate"], "error: unknown pass 'frobnicate'"),
+    (["optimize", "{tmp}", "-o", "{tmp}/x"], "the directory has no config.json"),
+    (["optimize", "{t5_dir}", "-o", "{tmp}/x"], "error: unsupported model"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--dtype", "int3"], "error: Invalid value for '--dtype'"),
+    (["inspect"], "error: Missing argument 'ARTIFACT'"),
+])
+def test_bad_input_is_one_line(args, message, demo, hf_dir, tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=8, num_layers=1, num_heads=1, d_kv=8, d_ff=8, vocab_size=10).save_pretrained(tmp_path / "t5")
+    args = [a.format(demo=demo, hf_dir=hf_dir, tmp=tmp_path, t5_dir=tmp_path / "t5") for a in args]
+    code, stdout, stderr = invoke(*args)
+    assert code != 0
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], stderr
+    assert "Traceback" not in stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    code, _, stderr = invoke("--debug", "run", str(tmp_path / "none"), "-p", "x")
+    assert code == 1 and "Traceback" in stderr and stderr.strip().endswith(f"error: no artifact at {tmp_path / 'none'}")
+
+
+def test_corrupt_artifact_from_the_cli(demo, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(demo, broken)
+    data = bytearray((broken / "model.safetensors").read_bytes())
+    data[len(data) // 2] ^= 1
+    (broken / "model.safetensors").write_bytes(bytes(data))
+    code, _, stderr = invoke("run", str(broken), "-p", "x")
+    assert code == 1 and stderr.strip() == f"error: {broken / 'model.safetensors'} fails its sha256 check: the file is corrupt or was modified"
+
+
+@pytest.mark.slow
+def test_real_subprocess_end_to_end(tmp_path):
+    """`lmforge optimize` with no model writes ./lmforge-demo; `lmforge run` streams from it."""
+    exe = shutil.which("lmforge") or ""
+    cmd = [exe] if exe else [sys.executable, "-m", "lmforge"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    opt = subprocess.run(cmd + ["optimize"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert opt.returncode == 0, opt.stderr[-2000:]
+    assert (tmp_path / "lmforge-demo" / "manifest.json").is_file()
+    run = subprocess.run(cmd + ["run", "lmforge-demo", "--prompt", "The while statement", "-n", "16"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.startswith("The while statement") and len(run.stdout.split()) > 4
+    bad = subprocess.run(cmd + ["run", "missing"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: Missing option '-p' / '--prompt'."

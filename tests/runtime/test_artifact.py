@@ -1,0 +1,149 @@
+"""The artifact on disk: round trip, checksums, corruption, versions, devices, atomic writes, no transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmforge
+from lmforge.errors import ArtifactError
+from lmforge.runtime import artifact as art_mod
+from tests.conftest import make_model, random_ids
+
+
+@pytest.fixture()
+def art(artifacts, tmp_path) -> Path:
+    """A private copy of the llama artifact, free to damage."""
+    dst = tmp_path / "art"
+    shutil.copytree(artifacts("llama"), dst)
+    return dst
+
+
+def test_layout_and_manifest(art):
+    names = sorted(p.relative_to(art).as_posix() for p in art.rglob("*") if p.is_file())
+    assert names == ["config.json", "graph.json", "manifest.json", "model.safetensors"]
+    m = json.loads((art / "manifest.json").read_text())
+    assert m["format"] == "lmforge.artifact" and m["format_version"] == 1
+    assert m["lmforge_version"] == lmforge.__version__ and m["dtype"] == "float32" and m["max_seq_len"] == 64
+    assert m["source"]["architectures"] == ["LlamaForCausalLM"]
+    assert m["pipeline"].startswith("remove-noops,dce") and [p["pass"] for p in m["passes"]][0] == "remove-noops"
+    assert set(m["files"]) == {"config.json", "graph.json", "model.safetensors"}
+    assert all(len(f["sha256"]) == 64 and f["bytes"] > 0 for f in m["files"].values())
+    assert m["kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 4  # layers * (k+v) * kv heads * head_dim * fp32
+
+
+def test_round_trip_matches_hf(art):
+    eng = lmforge.load(art)
+    model = make_model("llama")
+    ids = random_ids(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(eng.forward(ids), model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def _flip_byte(path: Path, offset: int = -100) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: _flip_byte(a / "model.safetensors"), "model.safetensors fails its sha256 check"),
+    (lambda a: (a / "model.safetensors").write_bytes((a / "model.safetensors").read_bytes()[:-10]), "model.safetensors is truncated"),
+    (lambda a: (a / "graph.json").unlink(), "graph.json is missing"),
+    (lambda a: (a / "manifest.json").write_text((a / "manifest.json").read_text()[:200]), "manifest.json is corrupt or truncated"),
+    (lambda a: (a / "manifest.json").unlink(), "is not an lmforge artifact"),
+])
+def test_damaged_artifacts_give_one_line_errors(art, damage, message):
+    damage(art)
+    with pytest.raises(ArtifactError) as err:
+        lmforge.load(art)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def _edit_manifest(art: Path, edit) -> None:
+    m = json.loads((art / "manifest.json").read_text())
+    edit(m)
+    (art / "manifest.json").write_text(json.dumps(m))
+
+
+def test_wrong_checksum_in_manifest(art):
+    _edit_manifest(art, lambda m: m["files"]["graph.json"].update(sha256="0" * 64))
+    with pytest.raises(ArtifactError, match="graph.json fails its sha256 check"):
+        lmforge.load(art)
+
+
+def test_version_mismatch(art):
+    _edit_manifest(art, lambda m: m.update(format_version=99))
+    with pytest.raises(ArtifactError, match="format version 99, this lmforge .* reads version 1"):
+        lmforge.load(art)
+
+
+def test_unlisted_paths_are_refused(art):
+    _edit_manifest(art, lambda m: m["files"].update({"../../etc/passwd": {"sha256": "0", "bytes": 1}}))
+    with pytest.raises(ArtifactError, match="unexpected file"):
+        lmforge.load(art)
+
+
+def test_missing_artifact_and_wrong_device(tmp_path, art):
+    with pytest.raises(ArtifactError, match="no artifact at"):
+        lmforge.load(tmp_path / "nothing")
+    if not torch.cuda.is_available():
+        with pytest.raises(ArtifactError, match="no usable CUDA GPU"):
+            lmforge.load(art, device="cuda")
+    with pytest.raises(ArtifactError, match="unknown device"):
+        lmforge.load(art, device="gpu0")
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+
+    def explode(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the user hit Ctrl-C while the weights were being written
+
+    monkeypatch.setattr("safetensors.torch.save_file", explode)
+    with pytest.raises(KeyboardInterrupt):
+        lmforge.optimize(make_model("gpt2"), out, max_seq_len=32)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_rewrite_replaces_only_artifacts(tmp_path, art):
+    lmforge.optimize(make_model("gpt2"), art, max_seq_len=32)  # over an earlier artifact: fine
+    assert json.loads((art / "manifest.json").read_text())["source"]["model_type"] == "gpt2"
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    with pytest.raises(ArtifactError, match="not an lmforge artifact; refusing to overwrite"):
+        lmforge.optimize(make_model("gpt2"), other, max_seq_len=32)
+    assert (other / "notes.txt").read_text() == "keep me"
+
+
+def test_runtime_never_imports_transformers(art):
+    code = (
+        "import sys, torch, lmforge\n"
+        f"eng = lmforge.load({str(art)!r})\n"
+        "out = eng.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)\n"
+        "assert out.shape == (1, 7), out.shape\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] == 'transformers']\n"
+        "assert not bad, bad[:3]\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
+
+
+def test_loading_reads_no_pickle(art, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("torch.load / pickle used while loading an artifact")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr("pickle.loads", forbidden)
+    monkeypatch.setattr("pickle.load", forbidden)
+    lmforge.load(art).forward(torch.tensor([[1, 2]]))
+    assert art_mod.FORMAT_VERSION == 1
