@@ -45,8 +45,9 @@ def _retarget(ir: GraphIR, device: torch.device) -> None:
 
 class Engine:
     def __init__(self, ir: GraphIR, max_seq_len: int, device: torch.device, artifact: Artifact | None = None,
-                 tokenizer=None):
+                 tokenizer=None, weight_layout: str = "source"):
         self.ir, self.max_seq_len, self.device = ir, max_seq_len, device
+        self.weight_layout = weight_layout  # "source" or "transposed": see runtime/layout.py
         self.artifact, self.tokenizer = artifact, tokenizer
         info = (artifact.manifest.get("tokenizer") or {}) if artifact else {}
         self.eos_token_id: int | None = info.get("eos_token_id")
@@ -65,9 +66,14 @@ class Engine:
         art = read_manifest(Path(path))
         if verify:
             verify_files(art)
+        from lmforge.runtime.layout import choose_layout, transpose_linear_weights
+
         ir = load_graph(art, device)
         if device.type != "cpu":
             _retarget(ir, device)
+        layout = choose_layout(device, ir.kv.dtype)
+        if layout == "transposed":
+            transpose_linear_weights(ir)
         tokenizer = None
         tok_file = art.path / TOKENIZER_DIR / "tokenizer.json"
         if tok_file.is_file():
@@ -77,7 +83,7 @@ class Engine:
                 tokenizer = Tokenizer.from_file(str(tok_file))
             except Exception as e:  # tokenizers raises its own Exception type
                 raise ArtifactError(f"{tok_file} cannot be read: {str(e).splitlines()[0]}") from None
-        return cls(ir, art.max_seq_len, device, art, tokenizer)
+        return cls(ir, art.max_seq_len, device, art, tokenizer, weight_layout=layout)
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -85,8 +91,9 @@ class Engine:
         """ids, positions: (batch, seq); mask: (batch, kv_len), covering the cache up to and including ids."""
         return self.ir.gm(ids, positions, mask, *cache.views(mask.shape[1]))[0]
 
-    def _cache_for(self, batch: int, length: int) -> KVCache:
-        if self._cache is None or self._cache.batch != batch or self._cache.max_seq_len < length:
+    def _cache_for(self, batch: int) -> KVCache:
+        """The engine's cache, reallocated only when the batch size changes."""
+        if self._cache is None or self._cache.batch != batch:
             self._cache = None  # free the old buffers before allocating new ones
             self._cache = KVCache(self.ir.kv, batch, self.max_seq_len, self.device)
         return self._cache
@@ -117,7 +124,7 @@ class Engine:
         """Logits (batch, seq, vocab) for `input_ids`, from an empty cache."""
         ids, mask = self._check_ids(input_ids, attention_mask)
         self._check_length(ids.shape[1], 0)
-        cache = self._cache_for(ids.shape[0], ids.shape[1])
+        cache = self._cache_for(ids.shape[0])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         return self._run(cache, ids, positions, mask)
 
@@ -174,7 +181,7 @@ class Engine:
         if max_new_tokens == 0:
             return
         eos = eos_token_id if eos_token_id is not None else self.eos_token_id
-        cache = self._cache_for(batch, prompt_len + max_new_tokens)
+        cache = self._cache_for(batch)
         full_mask = torch.zeros(batch, self.max_seq_len, dtype=torch.long, device=self.device)
         full_mask[:, :prompt_len] = mask
 
@@ -212,9 +219,8 @@ class Engine:
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, special tokens included as tokenizer.json's post-processor adds them."""
         ids = self._need_tokenizer().encode(text).ids
-        if self.bos_token_id is not None and (self.artifact.manifest.get("tokenizer") or {}).get("add_bos"):
-            ids = [self.bos_token_id] + ids
         if not ids:
             raise GenerationError("the prompt is empty after tokenization")
         return ids

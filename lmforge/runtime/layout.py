@@ -1,0 +1,93 @@
+"""Load-time weight layouts: the runtime stores each linear weight the way this machine multiplies fastest.
+
+The artifact keeps weights in their source layout, (out_features, in_features), so other tools can read it.
+At load, for a CPU engine, the runtime times a decode-shaped matmul (one row of activations against a set
+of weights too large for the caches) in both layouts: `linear(x, W)` and `x @ Wt` with `Wt = W.t()` stored
+contiguous. When the transposed layout is clearly faster, every `linear(x, W[, b])` on a weight becomes
+`matmul(x, Wt)[ + b]`. Measured on a 2-core AMD EPYC (AVX-512) with torch 2.13: float32 decode of a
+SmolLM-135M-shaped model went from 17.7 to 21.7 tokens/s; bfloat16 was the same either way (so it keeps
+the source layout). The choice is measured once per process for each dtype; `LMFORGE_WEIGHT_LAYOUT` set
+to `source` or `transposed` overrides it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+from lmforge.errors import ArtifactError
+from lmforge.ir.graph import GraphIR
+
+aten = torch.ops.aten
+LAYOUTS = ("source", "transposed")
+
+
+def _time(fn, repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def measured_layout(dtype: torch.dtype) -> str:
+    """The faster layout for decode-shaped CPU matmuls in `dtype` on this machine (10% margin to switch)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(1536, 576, generator=gen).to(dtype) for _ in range(24)]  # ~85 MB in float32
+    transposed = [w.t().contiguous() for w in weights]
+    x = torch.randn(1, 576, generator=gen).to(dtype)
+    source = _time(lambda: [torch.nn.functional.linear(x, w) for w in weights])
+    trans = _time(lambda: [x @ w for w in transposed])
+    return "transposed" if trans < 0.9 * source else "source"
+
+
+def choose_layout(device: torch.device, dtype: torch.dtype) -> str:
+    forced = os.environ.get("LMFORGE_WEIGHT_LAYOUT", "auto")
+    if forced in LAYOUTS:
+        return forced
+    if forced != "auto":
+        raise ArtifactError(f"LMFORGE_WEIGHT_LAYOUT must be auto, source or transposed, got {forced!r}")
+    if device.type != "cpu":
+        return "source"  # GPU BLAS libraries take either layout at full speed
+    return measured_layout(dtype)
+
+
+def transpose_linear_weights(ir: GraphIR) -> int:
+    """Rewrite `linear(x, W[, b])` on 2-D weights into `matmul(x, W.t().contiguous())[ + b]`; returns the count."""
+    from dataclasses import replace
+
+    graph = ir.graph
+    done: dict[str, str] = {}
+    count = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.linear.default or node.args[1].op != "get_attr":
+            continue
+        attr = node.args[1].target
+        if attr not in done:
+            done[attr] = ir.unique_attr(f"{attr}_t")
+            weight = ir.weight(attr)
+            ir.set_weight(done[attr], weight.t().contiguous(), source_name=ir.weight_names.get(attr, attr) + ".T",
+                          kind=ir.weight_kind(attr))
+        spec = node.args[1].meta["spec"]
+        with graph.inserting_before(node):
+            wt = graph.get_attr(done[attr])
+            out = graph.call_function(aten.matmul.default, (node.args[0], wt))
+        wt.meta["spec"] = replace(spec, shape=tuple(reversed(spec.shape)))
+        out.meta["spec"] = node.meta["spec"]
+        if len(node.args) > 2 and node.args[2] is not None:
+            with graph.inserting_before(node):
+                out = graph.call_function(aten.add.Tensor, (out, node.args[2]))
+            out.meta["spec"] = node.meta["spec"]
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+        count += 1
+    graph.eliminate_dead_code()
+    ir.prune_weights()
+    ir.gm.recompile()
+    return count
