@@ -122,13 +122,14 @@ def run(artifact, prompt, max_new_tokens, temperature, top_k, top_p, seed, devic
     import torch
 
     import lmforge
+    from lmforge.runtime.sampling import SamplingConfig
 
     eng = lmforge.load(artifact, device=device)
     sample = temperature is not None or top_k is not None or top_p is not None
     generator = None
     if seed is not None:
         generator = torch.Generator(device=eng.device).manual_seed(seed)
-    kwargs = dict(do_sample=sample, temperature=temperature or 1.0, top_k=top_k, top_p=top_p, generator=generator)
+    kwargs = dict(sampling=SamplingConfig(sample, temperature or 1.0, top_k, top_p), generator=generator)
     click.echo(prompt, nl=False)
     if no_stream:
         click.echo("".join(eng.stream(prompt, max_new_tokens, **kwargs)))

@@ -7,6 +7,8 @@ inserted where the mix of dtypes needs a decision, by the rules in `CAST_RULES`:
 - a matmul against a weight runs in the weight's dtype (the activation is cast down);
 - a matmul between two activations runs in the wider of their dtypes (so rotary angles stay float32);
 - attention runs in the cache dtype, and cache writes are cast to it;
+- a float32 table computed from weights and positions alone (rotary cos/sin) is cast to the activation's
+  half dtype where the two meet, as Hugging Face's `cos.to(x.dtype)` does;
 - reductions, `pow`, `rsqrt`, `exp`, `log` and softmax upcast their input to float32 (norm statistics and
   softmax keep full precision, as Hugging Face's own bfloat16 code does explicitly).
 
@@ -43,6 +45,7 @@ CREATION_OPS = {aten.full.default, aten.zeros.default, aten.ones.default, aten.e
                 aten.arange.start_step}
 MATMULS = {aten.mm.default: (0, 1), aten.bmm.default: (0, 1), aten.matmul.default: (0, 1),
            aten.addmm.default: (0, 1, 2), aten.baddbmm.default: (0, 1, 2)}
+ELEMENTWISE = {aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor}
 FULL_PRECISION = {aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default, aten.var.correction,
                   aten._softmax.default, aten._log_softmax.default, aten.pow.Tensor_Scalar, aten.rsqrt.default,
                   aten.exp.default, aten.log.default, aten.cumsum.default}
@@ -55,6 +58,7 @@ class _Walker:
         self.ir, self.dtype = ir, dtype
         self.env: dict[fx.Node, object] = {}
         self._weight_only: dict[fx.Node, bool] = {}
+        self._static: dict[fx.Node, bool] = {}
         self.casts: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}
         self.stats: dict[str, int] = {}
 
@@ -75,6 +79,17 @@ class _Walker:
                 node.op == "call_function" and bool(inputs) and all(self.weight_only(i) for i in inputs)
             )
         return self._weight_only[node]
+
+    def static(self, node) -> bool:
+        """Is `node` computed from weights and `position_ids` alone (a rotary table, a weight)?"""
+        if not isinstance(node, fx.Node):
+            return False
+        if node not in self._static:
+            inputs = node.all_input_nodes
+            self._static[node] = node.op == "get_attr" or node.name == "position_ids" or (
+                node.op == "call_function" and bool(inputs) and all(self.static(i) for i in inputs)
+            )
+        return self._static[node]
 
     def cast(self, node: fx.Node, index: int, dtype: torch.dtype, why: str) -> None:
         src = node.args[index]
@@ -125,6 +140,11 @@ class _Walker:
             wdt = self.dtype_of(node.args[2]) if len(node.args) > 2 else None
             if wdt is not None:
                 self.cast(node, 0, wdt, "cast-norm-input")
+        elif target in ELEMENTWISE and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args):
+            for i, other in ((0, 1), (1, 0)):  # a float32 table meets a half activation: in the half dtype
+                if (self.dtype_of(node.args[i]) == torch.float32 and self.static(node.args[i])
+                        and self.dtype_of(node.args[other]) == self.dtype and not self.static(node.args[other])):
+                    self.cast(node, i, self.dtype, "cast-table-to-activation")
         elif target in FULL_PRECISION:
             dt = self.dtype_of(node.args[0])
             if dt in LOW_PRECISION:

@@ -154,8 +154,8 @@ class Engine:
         early once every row has produced `eos_token_id` (default: the tokenizer's); finished rows are then
         filled with the pad token."""
         ids, mask = self._check_ids(input_ids, attention_mask)
-        steps = self.iter_tokens(ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id,
-                                 generator, mask)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        steps = self.iter_tokens(ids, max_new_tokens, sampling, eos_token_id, generator, mask)
         return torch.cat([ids] + [token[:, None] for token in steps], dim=1)
 
     @torch.inference_mode()
@@ -163,10 +163,7 @@ class Engine:
         self,
         input_ids,
         max_new_tokens: int = 32,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
         eos_token_id: int | None = None,
         generator: torch.Generator | None = None,
         attention_mask: torch.Tensor | None = None,
@@ -174,7 +171,6 @@ class Engine:
         """What `generate` does, yielding each step's tokens (batch,) as they are chosen."""
         if max_new_tokens < 0:
             raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         ids, mask = self._check_ids(input_ids, attention_mask)
         batch, prompt_len = ids.shape
         self._check_length(prompt_len, max_new_tokens)
@@ -228,12 +224,14 @@ class Engine:
     def decode_text(self, ids) -> str:
         return self._need_tokenizer().decode(list(ids), skip_special_tokens=True)
 
-    def stream(self, prompt: str, max_new_tokens: int = 64, **sampling) -> Iterator[str]:
+    def stream(self, prompt: str, max_new_tokens: int = 64, sampling: SamplingConfig = SamplingConfig(),
+               eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Iterator[str]:
         """Generate from a text prompt (batch 1), yielding text pieces as tokens arrive."""
-        eos = sampling["eos_token_id"] if sampling.get("eos_token_id") is not None else self.eos_token_id
+        eos = eos_token_id if eos_token_id is not None else self.eos_token_id
         generated: list[int] = []
         printed = ""
-        for token in self.iter_tokens(torch.tensor([self.encode(prompt)]), max_new_tokens, **sampling):
+        ids = torch.tensor([self.encode(prompt)])
+        for token in self.iter_tokens(ids, max_new_tokens, sampling, eos, generator):
             if int(token[0]) == eos:
                 break
             generated.append(int(token[0]))

@@ -77,3 +77,18 @@ def test_rejects_other_dtypes(hf_model):
         PassManager("convert-dtype{dtype=int8}").run(ir)
     with pytest.raises(PassError, match="dtype must be bfloat16 or float16, got ''"):
         PassManager("convert-dtype").run(ir)
+
+
+def test_rotary_tables_meet_activations_in_half(converted, arch):
+    """cos/sin are computed in float32 from inv_freq, then cast to the half dtype where they multiply q and
+    k (HF's `cos.to(x.dtype)`), so the rotary products and q/k stay in the half dtype."""
+    dtype, ir = converted
+    stats = ir.history[2]["stats"]
+    values = meta_run(ir)
+    sdpa = [n for n in ir.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    if arch == "gpt2":  # learned positions: no rotary tables (negative case)
+        assert "cast-table-to-activation" not in stats
+    else:
+        assert stats["cast-table-to-activation"] >= 2
+        # q reaches attention without a cast back from float32
+        assert all(values[n.args[0]].dtype == dtype and n.args[0].target is not aten._to_copy.default for n in sdpa)
