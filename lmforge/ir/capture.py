@@ -95,9 +95,9 @@ def _cache_classes():
             self.values.index_copy_(2, slots, value_states.to(self.values.dtype))
             return self.keys, self.values
 
-        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-            if self.keys is None:
-                return query_length, 0
+        def get_mask_sizes(self, query_length) -> tuple[int, int]:
+            if self.keys is None:  # transformers < 5.20 passes cache_position here, later ones its length
+                return (query_length.shape[0] if isinstance(query_length, torch.Tensor) else query_length), 0
             return self.keys.shape[-2], 0
 
         def get_seq_length(self) -> int:

@@ -147,3 +147,14 @@ def test_real_subprocess_end_to_end(tmp_path):
     assert run.stdout.startswith("The while statement") and len(run.stdout.split()) > 4
     bad = subprocess.run(cmd + ["run", "missing"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert bad.returncode == 2 and bad.stderr.strip() == "error: Missing option '-p' / '--prompt'."
+
+
+def test_print_after_and_dump_ir(hf_dir, tmp_path):
+    out, dump = tmp_path / "o", tmp_path / "ir"
+    code, stdout, stderr = invoke("optimize", str(hf_dir), "-o", str(out), "--print-after", "remove-noops",
+                                  "--dump-ir", str(dump), "--pipeline", "remove-noops,dce")
+    assert code == 0, stderr
+    assert "// IR after remove-noops\ngraph " in stdout and "_assert_tensor_metadata" not in stdout.split("wrote")[0]
+    assert sorted(p.name for p in dump.iterdir()) == ["00-remove-noops.txt", "01-dce.txt"]
+    info = json.loads(invoke("inspect", str(out), "--json")[1])
+    assert info["pipeline"] == "remove-noops,dce" and info["dtype"] == "float32"
