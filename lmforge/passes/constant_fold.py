@@ -98,34 +98,47 @@ def _evaluate(nodes: list[fx.Node], env: dict[fx.Node, torch.Tensor]) -> dict[fx
 
 
 def _tabulate_positions(ir: GraphIR, max_positions: int) -> dict[str, int]:
-    from lmforge.ir.spec import TensorSpec
+    from lmforge.ir.spec import SymSpec, TensorSpec
 
     position_ids = next((n for n in ir.graph.nodes if n.op == "placeholder" and n.name == "position_ids"), None)
     if position_ids is None:
         return {}
     weights = {n for n in ir.graph.nodes if n.op == "get_attr"}
-    region: list[fx.Node] = []  # position-only nodes, in graph order
-    inside = {position_ids} | weights
+    # symbolic batch and seq sizes may shape the subgraph (`inv_freq.expand(batch, -1, 1)`); they are bound
+    # to the table's and the probe's sizes when it is evaluated
+    sizes = {n: n.meta["spec"].expr for n in ir.graph.nodes
+             if isinstance(n.meta.get("spec"), SymSpec) and n.meta["spec"].expr in ("batch", "seq")}
+    region: list[fx.Node] = []  # nodes computed from weights, positions and those sizes alone, in graph order
+    inside = {position_ids} | weights | set(sizes)
     for node in ir.graph.nodes:
-        if node.op != "call_function" or not _foldable_op(node) or not node.all_input_nodes:
-            continue
-        spec = node.meta.get("spec")
-        per_token = isinstance(spec, TensorSpec) and spec.shape[:2] == ("batch", "seq") and all(
-            isinstance(d, int) for d in spec.shape[2:])
-        if per_token and all(i in inside for i in node.all_input_nodes):
+        if node.op == "call_function" and _foldable_op(node) and node.all_input_nodes and node not in inside \
+                and all(i in inside for i in node.all_input_nodes):
             region.append(node)
             inside.add(node)
     in_region = set(region)
-    frontier = [n for n in region if any(u not in in_region for u in n.users)
-                and not (n.target is torch.ops.aten.embedding.default)]  # already a table lookup
+
+    def per_token(n: fx.Node) -> bool:
+        spec = n.meta.get("spec")
+        return isinstance(spec, TensorSpec) and spec.shape[:2] == ("batch", "seq") and all(
+            isinstance(d, int) for d in spec.shape[2:])
+
+    # the last per-token nodes: a user outside the region, or one whose shape is no longer (batch, seq, ...)
+    frontier = [n for n in region if per_token(n) and any(u not in in_region or not per_token(u) for u in n.users)
+                and position_ids in _sources(n)
+                and n.target is not torch.ops.aten.embedding.default]  # an embedding is a table lookup already
     if not frontier:
         return {"tabulated": 0}
 
     consts = {w: ir.weight(w.target) for w in weights}
     device = next(iter(consts.values())).device if consts else torch.device("cpu")
-    table_env = _evaluate(region, {**consts, position_ids: torch.arange(max_positions, device=device)[None]})
+
+    def run(positions: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
+        bound = {n: positions.shape[0 if expr == "batch" else 1] for n, expr in sizes.items()}
+        return _evaluate(region, {**consts, **bound, position_ids: positions})
+
+    table_env = run(torch.arange(max_positions, device=device)[None])
     probe_pos = torch.randint(0, max_positions, (2, 5), generator=torch.Generator().manual_seed(0)).to(device)
-    probe_env = _evaluate(region, {**consts, position_ids: probe_pos})
+    probe_env = run(probe_pos)
     stats = {"tabulated": 0, "not_pointwise": 0}
     for node in frontier:
         table = table_env[node][0].contiguous()  # (max_positions, ...)
@@ -144,6 +157,17 @@ def _tabulate_positions(ir: GraphIR, max_positions: int) -> dict[str, int]:
         node.replace_all_uses_with(lookup)
         stats["tabulated"] += 1
     return stats
+
+
+def _sources(node: fx.Node) -> set[fx.Node]:
+    """The graph inputs and weights among `node`'s transitive inputs."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return {n for n in seen if n.op in ("placeholder", "get_attr")}
 
 
 def _weight_sources(node: fx.Node) -> list[fx.Node]:

@@ -27,7 +27,7 @@ from torch import fx
 from lmforge.errors import PassError
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.infer import meta_run, refresh_dtypes
-from lmforge.ir.spec import TensorSpec, dtype_from_name
+from lmforge.ir.spec import SymSpec, TensorSpec, dtype_from_name
 from lmforge.passes.manager import PassResult, register_pass
 
 aten = torch.ops.aten
@@ -81,12 +81,13 @@ class _Walker:
         return self._weight_only[node]
 
     def static(self, node) -> bool:
-        """Is `node` computed from weights and `position_ids` alone (a rotary table, a weight)?"""
+        """Is `node` computed from weights, `position_ids` and sizes alone (a rotary table, a weight)?"""
         if not isinstance(node, fx.Node):
             return False
         if node not in self._static:
             inputs = node.all_input_nodes
-            self._static[node] = node.op == "get_attr" or node.name == "position_ids" or (
+            is_size = isinstance(node.meta.get("spec"), SymSpec)
+            self._static[node] = node.op == "get_attr" or node.name == "position_ids" or is_size or (
                 node.op == "call_function" and bool(inputs) and all(self.static(i) for i in inputs)
             )
         return self._static[node]
