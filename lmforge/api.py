@@ -34,13 +34,6 @@ def _position_limit(config: dict[str, Any]) -> int | None:
     return None
 
 
-def _config_dtype(config) -> torch.dtype:
-    name = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(name, torch.dtype):
-        return name
-    return _DTYPES.get(str(name).removeprefix("torch."), torch.float32)
-
-
 def _tokenizer_for(source: str | None, tokenizer, workdir: Path) -> tuple[dict[str, Path], dict[str, Any] | None]:
     """Tokenizer files to ship and the special-token ids the runtime needs (or nothing, if none is known)."""
     files: dict[str, Path] = {}
@@ -114,8 +107,8 @@ def optimize(
     else:
         source = str(model_or_path)
         step("load")
-        model = load_hf_model(source, dtype=torch.float32)
-        target = target or _config_dtype(model.config)
+        model, declared = load_hf_model(source, dtype=torch.float32)
+        target = target or declared
     config = model.config.to_dict()
     limit = _position_limit(config)
     if max_seq_len is None:

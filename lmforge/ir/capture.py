@@ -26,10 +26,12 @@ from lmforge.ir.graph import INPUT_NAMES, GraphIR, KVCacheSpec, KVLayerSpec
 from lmforge.ir.spec import spec_from_value
 
 
-def load_hf_model(source: str, dtype: torch.dtype | None = None) -> nn.Module:
-    """Load a causal LM with `from_pretrained` (a local directory, or a hub id when online)."""
+def load_hf_model(source: str, dtype: torch.dtype | None = None) -> tuple[nn.Module, torch.dtype]:
+    """Load a causal LM with `from_pretrained` (a local directory, or a hub id when online), in `dtype`.
+
+    Returns the model and the dtype its checkpoint declares (float32 when it declares none)."""
     try:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover - transformers is a dependency of capture
         raise CaptureError("capturing a model needs `transformers`: pip install transformers") from e
     from pathlib import Path
@@ -41,6 +43,10 @@ def load_hf_model(source: str, dtype: torch.dtype | None = None) -> nn.Module:
     if dtype is not None:
         kwargs["dtype"] = dtype
     try:
+        declared = AutoConfig.from_pretrained(source)
+        declared = getattr(declared, "dtype", None) or getattr(declared, "torch_dtype", None)
+        if isinstance(declared, str):
+            declared = getattr(torch, declared.removeprefix("torch."), None)
         try:
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
         except (ValueError, NotImplementedError) as e:
@@ -52,7 +58,7 @@ def load_hf_model(source: str, dtype: torch.dtype | None = None) -> nn.Module:
         raise CaptureError(f"cannot load model {source!r}: {first_line(e)}") from e
     except ValueError as e:
         raise CaptureError(f"unsupported model {source!r}: {first_line(e)}") from e
-    return model.eval()
+    return model.eval(), declared if isinstance(declared, torch.dtype) else torch.float32
 
 
 def first_line(e: BaseException) -> str:
@@ -252,11 +258,9 @@ def _lower(ep, config: dict, kv: KVCacheSpec, source: str) -> GraphIR:
     new_gm = fx.GraphModule(nn.Module(), graph)
 
     # Placeholders for weights become get_attr nodes; user inputs get their convention names.
-    first_user = None
     for node, spec in zip(placeholders, sig.input_specs):
         if spec.kind == InputKind.USER_INPUT:
             user_inputs.append(node)
-            first_user = first_user or node
             continue
         if spec.kind not in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             raise CaptureError(f"unsupported graph input kind {spec.kind.name} for {spec.target}")
@@ -268,7 +272,7 @@ def _lower(ep, config: dict, kv: KVCacheSpec, source: str) -> GraphIR:
         weight_names[attr] = name
         if spec.kind != InputKind.PARAMETER:
             weight_kinds[attr] = "buffer"
-        new_gm.register_buffer(attr, tensor.detach().clone() if isinstance(tensor, nn.Parameter) else tensor)
+        new_gm.register_buffer(attr, tensor.detach())  # shared with the model: passes replace weights, never mutate them
         with graph.inserting_before(node):
             get = graph.get_attr(attr)
         get.meta.update(node.meta)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from lmforge.cli.main import cli, main
+from lmforge.cli.main import main
 from tests.conftest import make_model
 
 
