@@ -94,10 +94,11 @@ def optimize(
     step = progress or (lambda _: None)
     target = _dtype_arg(dtype)
     source: str | None
+    label = None  # how the manifest names the source model
     if model_or_path is None:
         from lmforge.demo import model_dir
 
-        model_or_path = model_dir()
+        model_or_path, label = model_dir(), "lmforge.demo"
     if isinstance(model_or_path, nn.Module):
         model, source = model_or_path, None
         native = next(model.parameters()).dtype
@@ -117,7 +118,7 @@ def optimize(
         raise LmforgeError(f"max_seq_len must be between 1 and the model's position limit {limit}, got {max_seq_len}")
 
     step("capture")
-    ir = capture(model, source=source or type(model).__name__)
+    ir = capture(model, source=label or source or type(model).__name__)
     dtype_name = str(target).removeprefix("torch.")
     native = next(model.parameters()).dtype
     pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len)

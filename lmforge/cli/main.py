@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 import click
@@ -245,6 +246,9 @@ def bench(artifact, batch, prompt_len, new_tokens, repeats, device, as_json):
 
 def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if not debug:  # deprecation notices from torch and transformers internals are not the user's business
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         cli.main(args=argv, prog_name="lmforge", standalone_mode=False)
     except click.exceptions.Abort:
