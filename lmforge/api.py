@@ -41,7 +41,9 @@ def _tokenizer_for(source: str | None, tokenizer, workdir: Path) -> tuple[dict[s
     if tokenizer is None and src_dir is not None and (src_dir / "tokenizer.json").is_file():
         files = {name: src_dir / name for name in TOKENIZER_FILES if (src_dir / name).is_file()}
     else:
-        if tokenizer is None and source is not None:
+        vocab_files = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+        has_vocab = src_dir is None or any((src_dir / name).is_file() for name in vocab_files)
+        if tokenizer is None and source is not None and has_vocab:  # no vocab here: transformers would invent an empty one
             try:
                 from transformers import AutoTokenizer
 

@@ -211,7 +211,7 @@ class Engine:
 
     def _need_tokenizer(self):
         if self.tokenizer is None:
-            raise GenerationError("this artifact has no tokenizer; pass token ids instead of text")
+            raise GenerationError("this artifact has no tokenizer; pass token ids instead of text (lmforge run --prompt-ids)")
         return self.tokenizer
 
     def encode(self, text: str) -> list[int]:

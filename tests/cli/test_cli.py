@@ -86,6 +86,22 @@ def test_run_greedy_and_sampled(demo):
     assert invoke(*args)[1] == invoke(*args)[1]
 
 
+def test_run_on_token_ids(demo, hf_dir, tmp_path):
+    """An artifact without a tokenizer runs on token ids; the ids printed are those generate returns."""
+    import torch
+
+    import lmforge
+
+    out = tmp_path / "notok"
+    assert invoke("optimize", str(hf_dir), "-o", str(out), "--max-seq-len", "32")[0] == 0
+    code, stdout, stderr = invoke("run", str(out), "--prompt-ids", "5,17,42", "-n", "6")
+    assert code == 0, stderr
+    expected = lmforge.load(out).generate(torch.tensor([[5, 17, 42]]), max_new_tokens=6)[0].tolist()
+    assert [int(t) for t in stdout.split()] == expected
+    code, _, stderr = invoke("run", str(out), "--prompt", "hello")
+    assert code == 1 and "this artifact has no tokenizer; pass token ids" in stderr
+
+
 def test_bench_json(demo):
     code, stdout, stderr = invoke("bench", str(demo), "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--json")
     assert code == 0, stderr
@@ -104,6 +120,8 @@ def test_bench_json(demo):
     (["optimize", "{t5_dir}", "-o", "{tmp}/x"], "error: unsupported model"),
     (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--dtype", "int3"], "error: Invalid value for '--dtype'"),
     (["inspect"], "error: Missing argument 'ARTIFACT'"),
+    (["run", "{demo}", "--prompt-ids", "1,x"], "error: Invalid value for '--prompt-ids': expected comma-separated token ids"),
+    (["run", "{demo}", "--prompt-ids", "1,99999"], "is outside the vocabulary"),
 ])
 def test_bad_input_is_one_line(args, message, demo, hf_dir, tmp_path):
     from transformers import T5Config
@@ -146,7 +164,7 @@ def test_real_subprocess_end_to_end(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("The while statement") and len(run.stdout.split()) > 4
     bad = subprocess.run(cmd + ["run", "missing"], cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: Missing option '-p' / '--prompt'."
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: give either --prompt TEXT or --prompt-ids IDS"
 
 
 def test_print_after_and_dump_ir(hf_dir, tmp_path):
