@@ -85,7 +85,8 @@ def optimize(
     model_or_path: a local Hugging Face directory, a hub id (when online), a `transformers` model, or None for
     the embedded demo model. dtype: float32, bfloat16 or float16 (default: the checkpoint's). max_seq_len: the
     KV cache length (default: the model's position limit, capped at 4096). pipeline: a pass pipeline string
-    (default: `lmforge.passes.default_pipeline(dtype)`).
+    (default: `lmforge.passes.default_pipeline(dtype, max_seq_len)`; a custom pipeline decides the dtype unless
+    `dtype` is given too).
     """
     import tempfile
 
@@ -123,9 +124,10 @@ def optimize(
     ir = capture(model, source=label or source or type(model).__name__)
     dtype_name = str(target).removeprefix("torch.")
     native = next(model.parameters()).dtype
+    custom = pipeline is not None
     pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len)
     PassManager(pipeline, instruments).run(ir)
-    if ir.kv.dtype != target:
+    if ir.kv.dtype != target and (dtype is not None or not custom):  # a custom pipeline may choose the dtype
         raise LmforgeError(f"the pipeline left the graph in {ir.kv.dtype}, but dtype {dtype_name} was asked for; "
                            f"add convert-dtype{{dtype={dtype_name}}} to it")
 

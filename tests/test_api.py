@@ -45,3 +45,12 @@ def test_half_model_cannot_be_converted_further(tmp_path):
         lmforge.optimize(model, tmp_path / "x", dtype="float16")
     art = lmforge.optimize(model, tmp_path / "y", max_seq_len=16)  # kept in its own dtype: fine
     assert art.dtype == "bfloat16"
+
+
+def test_custom_pipeline_decides_the_dtype_unless_one_is_given(tmp_path):
+    model = make_model("qwen2")
+    art = lmforge.optimize(model, tmp_path / "a", max_seq_len=16, pipeline="remove-noops,convert-dtype{dtype=float16},dce")
+    assert art.dtype == "float16" and art.manifest["pipeline"] == "remove-noops,convert-dtype{dtype=float16},dce"
+    with pytest.raises(LmforgeError, match=r"left the graph in torch.float32, but dtype bfloat16 was asked for"):
+        lmforge.optimize(model, tmp_path / "b", dtype="bfloat16", max_seq_len=16, pipeline="remove-noops,dce")
+    assert not (tmp_path / "b").exists()
