@@ -9,13 +9,14 @@ from lmforge.passes.manager import (
     PassManager,
     PassResult,
     format_pipeline,
+    load_reproducer,
     parse_pipeline,
     register_pass,
     registered_passes,
 )
 
-__all__ = ["Instruments", "PassManager", "PassResult", "default_pipeline", "format_pipeline", "parse_pipeline",
-           "register_pass", "registered_passes"]
+__all__ = ["Instruments", "PassManager", "PassResult", "default_pipeline", "format_pipeline", "load_reproducer",
+           "parse_pipeline", "register_pass", "registered_passes"]
 
 
 def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None) -> str:

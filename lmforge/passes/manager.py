@@ -246,14 +246,39 @@ class PassManager:
 
 
 def _snapshot(ir: GraphIR):
+    """The graph as JSON plus references to its weights (passes replace weights, never mutate them)."""
     from lmforge.ir.serialize import graph_to_json
 
-    return graph_to_json(ir)
+    return graph_to_json(ir), {ir.weight_names.get(a, a): t for a, t in ir.weights().items()}, ir.config
 
 
-def _write_reproducer(graph_json: dict, steps: list[PipelineStep], out: Path) -> None:
+def _write_reproducer(snapshot, steps: list[PipelineStep], out: Path) -> None:
     import json
 
+    from safetensors.torch import save_file
+
+    graph_json, weights, config = snapshot
     out.mkdir(parents=True, exist_ok=True)
     (out / "graph.json").write_text(json.dumps(graph_json))
+    save_file({k: v.detach().contiguous().clone() for k, v in weights.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, default=str))
     (out / "pipeline.txt").write_text(format_pipeline(steps) + "\n")
+
+
+def load_reproducer(path: str | Path) -> tuple[GraphIR, str]:
+    """The graph a failing pass received and the pipeline from that pass on, as `--debug` wrote them:
+
+        ir, pipeline = load_reproducer("out.reproducer")
+        PassManager(pipeline, Instruments(verify_each=True)).run(ir)   # fails the same way
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    from lmforge.ir.serialize import graph_from_json
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    ir = graph_from_json(json.loads((path / "graph.json").read_text()), load_file(str(path / "model.safetensors")),
+                         config, where=str(path / "graph.json"))
+    return ir, (path / "pipeline.txt").read_text().strip()

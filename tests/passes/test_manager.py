@@ -10,7 +10,8 @@ import torch
 
 from lmforge.errors import PassError
 from lmforge.ir.capture import capture
-from lmforge.passes import Instruments, PassManager, PassResult, default_pipeline, format_pipeline, parse_pipeline
+from lmforge.passes import (Instruments, PassManager, PassResult, default_pipeline, format_pipeline, load_reproducer,
+                            parse_pipeline)
 from lmforge.passes import manager as pm
 from tests.conftest import make_model
 
@@ -99,6 +100,11 @@ def test_broken_graph_names_the_pass(fresh_ir, temp_passes, tmp_path):
     graph = json.loads((tmp_path / "repro" / "graph.json").read_text())
     assert graph["format"] == "lmforge.graph"
     assert not any(n.get("target") == "aten._assert_tensor_metadata.default" for n in graph["nodes"])
+    # and it replays: the same failure from the files alone
+    ir, pipeline = load_reproducer(tmp_path / "repro")
+    assert pipeline == "breaks-dtypes,dce" and ir.param_count() > 0
+    with pytest.raises(PassError, match="pass 'breaks-dtypes' failed: .*has-spec"):
+        PassManager(pipeline, Instruments(verify_each=True)).run(ir)
 
 
 def test_print_after_and_dump(fresh_ir, tmp_path):
