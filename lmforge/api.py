@@ -104,7 +104,7 @@ def optimize(
         model_or_path, label = model_dir(), "lmforge.demo"
     if isinstance(model_or_path, nn.Module):
         model, source = model_or_path, None
-        native = next(model.parameters()).dtype
+        native = next(model.parameters()).dtype  # the dtype it is captured in
         target = target or native
         if native != torch.float32 and target != native:
             raise LmforgeError(f"the model is in {native}; pass a float32 model to convert it to {target}")
@@ -112,7 +112,7 @@ def optimize(
         source = str(model_or_path)
         step("load")
         model, declared = load_hf_model(source, dtype=torch.float32)
-        target = target or declared
+        native, target = torch.float32, target or declared
     config = model.config.to_dict()
     limit = _position_limit(config)
     if max_seq_len is None:
@@ -123,7 +123,6 @@ def optimize(
     step("capture")
     ir = capture(model, source=label or source or type(model).__name__)
     dtype_name = str(target).removeprefix("torch.")
-    native = next(model.parameters()).dtype
     custom = pipeline is not None
     pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len)
     PassManager(pipeline, instruments).run(ir)

@@ -97,6 +97,16 @@ def artifacts(tmp_path_factory):
     return get
 
 
+def run_python(code: str) -> str:
+    """Run `code` in a fresh interpreter (nothing imported yet); returns its stdout, failing on a non-zero exit."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
 def random_ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (batch, seq), generator=gen)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
 
 import lmforge.compile_backend as backend
-from tests.conftest import make_model, random_ids
+from tests.conftest import make_model, random_ids, run_python
 
 
 @pytest.fixture()
@@ -83,6 +81,4 @@ def test_found_without_importing_lmforge():
         "assert torch.allclose(f(x), x.sin())\n"
         "print('lmforge.compile_backend' in sys.modules)\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "True"
+    assert run_python(code) == "True"

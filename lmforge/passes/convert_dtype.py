@@ -69,28 +69,25 @@ class _Walker:
         value = self.env.get(arg) if isinstance(arg, fx.Node) else None
         return value.dtype if isinstance(value, torch.Tensor) else None
 
-    def weight_only(self, node) -> bool:
-        """Is `node` computed from weights alone (a weight, or a cast or reshape of one)?"""
+    def _computed_from(self, node, is_root, memo: dict[fx.Node, bool]) -> bool:
+        """Is `node` a root, or computed (through call_functions) from roots alone?"""
         if not isinstance(node, fx.Node):
             return False
-        if node not in self._weight_only:
+        if node not in memo:
             inputs = node.all_input_nodes
-            self._weight_only[node] = node.op == "get_attr" or (
-                node.op == "call_function" and bool(inputs) and all(self.weight_only(i) for i in inputs)
+            memo[node] = is_root(node) or (
+                node.op == "call_function" and bool(inputs) and all(self._computed_from(i, is_root, memo) for i in inputs)
             )
-        return self._weight_only[node]
+        return memo[node]
+
+    def weight_only(self, node) -> bool:
+        """Is `node` computed from weights alone (a weight, or a cast or reshape of one)?"""
+        return self._computed_from(node, lambda n: n.op == "get_attr", self._weight_only)
 
     def static(self, node) -> bool:
         """Is `node` computed from weights, `position_ids` and sizes alone (a rotary table, a weight)?"""
-        if not isinstance(node, fx.Node):
-            return False
-        if node not in self._static:
-            inputs = node.all_input_nodes
-            is_size = isinstance(node.meta.get("spec"), SymSpec)
-            self._static[node] = node.op == "get_attr" or node.name == "position_ids" or is_size or (
-                node.op == "call_function" and bool(inputs) and all(self.static(i) for i in inputs)
-            )
-        return self._static[node]
+        return self._computed_from(node, lambda n: n.op == "get_attr" or n.name == "position_ids"
+                                   or isinstance(n.meta.get("spec"), SymSpec), self._static)
 
     def cast(self, node: fx.Node, index: int, dtype: torch.dtype, why: str) -> None:
         src = node.args[index]

@@ -43,6 +43,11 @@ def _retarget(ir: GraphIR, device: torch.device) -> None:
     ir.gm.recompile()
 
 
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Each token's position from a left-padded attention mask (batch, seq): padding counts as 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 class Engine:
     def __init__(self, ir: GraphIR, max_seq_len: int, device: torch.device, artifact: Artifact | None = None,
                  tokenizer=None, weight_layout: str = "source"):
@@ -125,7 +130,7 @@ class Engine:
         ids, mask = self._check_ids(input_ids, attention_mask)
         self._check_length(ids.shape[1], 0)
         cache = self._cache_for(ids.shape[0])
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = _positions(mask)
         return self._run(cache, ids, positions, mask)
 
     __call__ = forward
@@ -182,7 +187,7 @@ class Engine:
         full_mask[:, :prompt_len] = mask
 
         logits = self.prefill(cache, ids, full_mask, prompt_len)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -1:]
+        positions = _positions(mask)[:, -1:]
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             token = next_token(logits, sampling, generator)
@@ -198,7 +203,7 @@ class Engine:
     def prefill(self, cache: KVCache, ids: torch.Tensor, full_mask: torch.Tensor, length: int) -> torch.Tensor:
         """Run the prompt; returns the last position's logits (batch, vocab)."""
         mask = full_mask[:, :length]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = _positions(mask)
         return self._run(cache, ids, positions, mask)[:, -1]
 
     def decode(self, cache: KVCache, token: torch.Tensor, positions: torch.Tensor, full_mask: torch.Tensor,

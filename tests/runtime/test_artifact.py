@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ import torch
 import lmforge
 from lmforge.errors import ArtifactError
 from lmforge.runtime import artifact as art_mod
-from tests.conftest import make_model, random_ids
+from tests.conftest import make_model, random_ids, run_python
 
 
 @pytest.fixture()
@@ -133,9 +131,7 @@ def test_runtime_never_imports_transformers(art):
         "assert not bad, bad[:3]\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "ok"
+    assert run_python(code) == "ok"
 
 
 def test_loading_reads_no_pickle(art, monkeypatch):
