@@ -191,6 +191,7 @@ def inspect(artifact, as_json, show_ir, context):
         "pipeline": m.get("pipeline"),
         "passes": m.get("passes", []),
         "ops": ir.op_counts(),
+        "attention": _attention_report(m.get("passes", [])),
         "nodes": len(ir.graph.nodes),
         "params": ir.param_count(),
         "param_bytes": ir.param_bytes(),
@@ -212,6 +213,11 @@ def inspect(artifact, as_json, show_ir, context):
                f"({info['kv_bytes_per_token'] * info['max_seq_len'] / 1e6:.1f} MB per sequence at max_seq_len)")
     click.echo(f"  FLOPs/token: {c.matmul_flops_per_token / 1e6:.1f} M in matmuls + {c.attention_flops_per_context_token} per context token "
                f"= {c.flops_per_token(context) / 1e6:.1f} M at context {context}")
+    att = info["attention"]
+    if att is not None:
+        click.echo(f"  attention: {att['fused']} of {att['attentions']} fused into lmforge.attention")
+        for reason, count in att["unfused"].items():
+            click.echo(f"    {count} unfused: {reason}")
     click.echo(f"  pipeline: {info['pipeline']}")
     for h in info["passes"]:
         stats = ", ".join(f"{k}={v}" for k, v in h["stats"].items() if v) or "no change"
@@ -219,6 +225,16 @@ def inspect(artifact, as_json, show_ir, context):
     click.echo(f"  ops ({info['nodes']} nodes):")
     for name, count in info["ops"].items():
         click.echo(f"    {count:5d}  {name}")
+
+
+def _attention_report(passes: list[dict]) -> dict | None:
+    """What fuse-attention did: {"attentions": n, "fused": n, "unfused": {reason: count}}, or None if it did not run."""
+    runs = [p["stats"] for p in passes if p["pass"].split("{")[0] == "fuse-attention"]
+    if not runs:
+        return None
+    stats = runs[-1]
+    unfused = {k.removeprefix("unfused: "): v for k, v in stats.items() if k.startswith("unfused: ")}
+    return {"attentions": stats.get("attentions", 0), "fused": stats.get("fused", 0), "unfused": unfused}
 
 
 @cli.command()

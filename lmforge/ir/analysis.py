@@ -12,10 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+import lmforge.codegen  # noqa: F401  (registers lmforge::attention)
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.spec import TensorSpec
 
 aten = torch.ops.aten
+fused_attention = torch.ops.lmforge.attention.default
 _WEIGHT_MATMULS = {aten.linear.default: 1, aten.mm.default: 1, aten.addmm.default: 2, aten.matmul.default: 1}
 
 
@@ -44,7 +46,7 @@ def cost(ir: GraphIR) -> Cost:
             continue
         if node.target in _WEIGHT_MATMULS:
             matmul += 2 * _weight_numel(ir, node.args[_WEIGHT_MATMULS[node.target]])
-        elif node.target is aten.scaled_dot_product_attention.default:
+        elif node.target in (aten.scaled_dot_product_attention.default, fused_attention):
             q: TensorSpec = node.args[0].meta["spec"]
             heads, head_dim = q.shape[1], q.shape[3]
             if isinstance(heads, int) and isinstance(head_dim, int):

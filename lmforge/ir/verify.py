@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from lmforge.codegen.attention import attention
 from lmforge.errors import PassError
 from lmforge.ir.graph import INPUT_NAMES, GraphIR, op_name
 from lmforge.ir.spec import TensorSpec
@@ -51,6 +52,14 @@ def _cache_write(node: fx.Node) -> str | None:
     return None
 
 
+def _fused_attention(node: fx.Node) -> str | None:
+    for i in (3, 4):
+        cache = node.args[i]
+        if not (isinstance(cache, fx.Node) and cache.op == "placeholder" and cache.name.startswith(("k_cache_", "v_cache_"))):
+            return f"argument {i} is %{getattr(cache, 'name', cache)}, not a cache input"
+    return _same_float_dtype(0, 1, 2, 3, 4)(node)
+
+
 def _embedding(node: fx.Node) -> str | None:
     weight, ids = _spec(node.args[0]), _spec(node.args[1])
     if weight is not None and len(weight.shape) != 2:
@@ -69,7 +78,10 @@ OP_RULES: dict[object, tuple[str, Callable[[fx.Node], str | None]]] = {
     aten.scaled_dot_product_attention.default: ("attention-dtypes", _same_float_dtype(0, 1, 2)),
     aten.index_copy_.default: ("cache-write", _cache_write),
     aten.embedding.default: ("embedding", _embedding),
+    attention: ("fused-attention", _fused_attention),
 }
+# ops allowed to mutate, all of them writing the KV cache inputs (their rules above say which arguments)
+CACHE_WRITERS = {aten.index_copy_.default, aten.copy_.default, attention}
 
 ALLOWED_NAMESPACES = ("aten", "prims", "lmforge")
 
@@ -89,7 +101,7 @@ def _check_node(ir: GraphIR, node: fx.Node) -> tuple[str, str] | None:
         if isinstance(target, torch._ops.OpOverload):
             if ir.kind == "lm" and target.namespace not in ALLOWED_NAMESPACES:
                 return "known-op", f"op from namespace {target.namespace!r}"
-            if target._schema.is_mutable and target is not aten.index_copy_.default and target is not aten.copy_.default:
+            if target._schema.is_mutable and target not in CACHE_WRITERS:
                 return "functional", "mutating op outside the cache writes"
         elif ir.kind == "lm":
             from lmforge.ir.serialize import PYTHON_OPS

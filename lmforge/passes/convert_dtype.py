@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx
 
+from lmforge.codegen.attention import attention
 from lmforge.errors import PassError
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.infer import meta_run, refresh_dtypes
@@ -31,6 +32,7 @@ from lmforge.ir.spec import SymSpec, TensorSpec, dtype_from_name
 from lmforge.passes.manager import PassResult, register_pass
 
 aten = torch.ops.aten
+ATTENTION = attention
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -131,6 +133,9 @@ class _Walker:
                 node.args = (*node.args, node.kwargs["attn_mask"])
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
             for i in range(min(4, len(node.args))):  # a bool mask is left alone
+                self.cast(node, i, self.dtype, "cast-attention-input")
+        elif target is ATTENTION:  # (q, k, v, k_cache, v_cache, ...): in the cache dtype
+            for i in range(3):
                 self.cast(node, i, self.dtype, "cast-attention-input")
         elif target is aten.index_copy_.default:  # cache write
             self.cast(node, 3, self.dtype_of(node.args[0]), "cast-cache-write")

@@ -61,19 +61,24 @@ def test_optimize_local_dir_then_inspect_json(hf_dir, tmp_path):
     code, stdout, _ = invoke("inspect", str(out), "--json")
     info = json.loads(stdout)
     assert info["dtype"] == "bfloat16" and info["max_seq_len"] == 128
-    assert info["ops"]["aten.scaled_dot_product_attention.default"] == 2
-    assert info["ops"]["aten.index_copy_.default"] == 4
+    # both attentions fused: one op each, no separate cache writes or SDPA left
+    assert info["ops"]["lmforge.attention.default"] == 2
+    assert "aten.scaled_dot_product_attention.default" not in info["ops"] and "aten.index_copy_.default" not in info["ops"]
+    assert info["attention"] == {"attentions": 2, "fused": 2, "unfused": {}}
     assert info["kv_bytes_per_token"] == 2 * 2 * 1 * 16 * 2  # layers, k+v, 1 kv head, head_dim 16, bf16
     assert info["flops_per_token"]["matmul"] > 0 and info["params"] > 0
-    assert [p["pass"] for p in info["passes"]][:3] == ["remove-noops", "dce", "convert-dtype{dtype=bfloat16}"]
+    assert [p["pass"] for p in info["passes"]][:4] == ["remove-noops", "dce", "fuse-attention",
+                                                       "convert-dtype{dtype=bfloat16}"]
 
 
 def test_inspect_text_and_ir(demo):
     code, stdout, _ = invoke("inspect", str(demo))
     assert code == 0
     assert "KV cache: 4 layers" in stdout and "FLOPs/token" in stdout and "aten.linear.default" in stdout
+    assert "attention: 4 of 4 fused into lmforge.attention" in stdout and "unfused" not in stdout
     code, stdout, _ = invoke("inspect", str(demo), "--ir")
     assert code == 0 and stdout.startswith("graph ") and "input %k_cache_3" in stdout
+    assert stdout.count("lmforge.attention.default(") == 4
 
 
 def test_run_greedy_and_sampled(demo):
@@ -176,3 +181,15 @@ def test_print_after_and_dump_ir(hf_dir, tmp_path):
     assert sorted(p.name for p in dump.iterdir()) == ["00-remove-noops.txt", "01-dce.txt"]
     info = json.loads(invoke("inspect", str(out), "--json")[1])
     assert info["pipeline"] == "remove-noops,dce" and info["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LMFORGE_KERNELS": "fast"}, "error: LMFORGE_KERNELS='fast': expected one of auto, torch, triton"),
+    ({"LMFORGE_KERNELS": "triton", "TRITON_INTERPRET": "0"},
+     "error: LMFORGE_KERNELS=triton on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1"),
+])
+def test_bad_kernel_setting_is_one_line(monkeypatch, demo, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    code, stdout, stderr = invoke("run", str(demo), "-p", "x", "-n", "2")
+    assert code != 0 and stderr.strip() == message and stdout == ""

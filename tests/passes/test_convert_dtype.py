@@ -17,16 +17,26 @@ from tests.ir.test_capture import run_chunks
 aten = torch.ops.aten
 
 
-@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+FUSED = torch.ops.lmforge.attention.default
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16", "bfloat16-fused", "float16-fused"])
 def converted(request, hf_model):
+    """Converted as captured (attention as HF wrote it) and after fuse-attention (as the default pipeline does)."""
+    dtype, fused = request.param.split("-")[0], request.param.endswith("-fused")
     ir = capture(hf_model)
-    PassManager(f"remove-noops,dce,convert-dtype{{dtype={request.param}}},constant-fold{{max_positions=32}},dce").run(ir)
-    return getattr(torch, request.param), ir
+    fuse = "fuse-attention," if fused else ""
+    PassManager(f"remove-noops,dce,{fuse}convert-dtype{{dtype={dtype}}},constant-fold{{max_positions=32}},dce").run(ir)
+    return getattr(torch, dtype), ir
+
+
+def convert_stats(ir) -> dict:
+    return next(h["stats"] for h in ir.history if h["pass"].startswith("convert-dtype"))
 
 
 def test_weights_cache_and_stats(converted):
     dtype, ir = converted
-    stats = ir.history[2]["stats"]
+    stats = convert_stats(ir)
     assert stats["weights"] > 0 and stats["cache-inputs"] == 2 * len(ir.kv.layers)
     assert ir.kv.dtype == dtype
     for attr, tensor in ir.weights().items():
@@ -48,7 +58,7 @@ def test_precision_rules_hold_in_the_ir(converted):
             assert values[node.args[0]].dtype == torch.float32, node.name
         if node.target is aten.linear.default or node.target is aten.addmm.default:
             assert values[node].dtype == dtype, node.name
-        if node.target is aten.scaled_dot_product_attention.default:
+        if node.target in (aten.scaled_dot_product_attention.default, FUSED):
             assert all(values[a].dtype == dtype for a in node.args[:3]), node.name
     # and the specs agree with what the graph computes
     assert all(n.meta["spec"].dtype == values[n].dtype for n in ir.graph.nodes
@@ -83,9 +93,10 @@ def test_rotary_tables_meet_activations_in_half(converted, arch):
     """cos/sin are computed in float32 from inv_freq, then cast to the half dtype where they multiply q and
     k (HF's `cos.to(x.dtype)`), so the rotary products and q/k stay in the half dtype."""
     dtype, ir = converted
-    stats = ir.history[2]["stats"]
+    stats = convert_stats(ir)
     values = meta_run(ir)
-    sdpa = [n for n in ir.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    sdpa = [n for n in ir.graph.nodes if n.target in (aten.scaled_dot_product_attention.default, FUSED)]
+    assert sdpa
     if arch == "gpt2":  # learned positions: no rotary tables (negative case)
         assert "cast-table-to-activation" not in stats
     else:

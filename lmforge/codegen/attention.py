@@ -1,0 +1,133 @@
+"""`lmforge::attention`: append the new keys/values to the KV cache and attend, in one op.
+
+    attention(q, k, v, k_cache, v_cache, attention_mask, scale, causal=True, window=0) -> out
+
+    q               (B, Hq, S, D)     queries of the S new tokens
+    k, v            (B, Hkv, S, D|Dv) their keys and values, written into the last S slots of the caches
+    k_cache         (B, Hkv, L, D)    mutated in place
+    v_cache         (B, Hkv, L, Dv)   mutated in place
+    attention_mask  (B, L)            0 for a padded slot
+    out             (B, Hq, S, Dv)    laid out as (B, S, Hq, Dv) in memory, like SDPA's output, so that
+                                      the usual `out.transpose(1, 2).view(B, S, Hq * Dv)` that follows works
+
+Query i sits at slot L - S + i and sees slot j when attention_mask[b, j] != 0 and, if `causal`, j <= its
+slot and, with `window` W > 0, its slot - j < W; a query that sees nothing gets zeros. Hq must be a
+multiple of Hkv; query head h reads kv head h // (Hq // Hkv).
+
+Two implementations, chosen per call by `LMFORGE_KERNELS`:
+- `torch` (the CPU default): the PyTorch reference below, through `scaled_dot_product_attention`, with
+  grouped queries folded into the sequence dimension so K/V are never repeated;
+- `triton` (the CUDA default): `codegen/kernels/attention.py`. On the CPU it runs only under Triton's
+  interpreter (`TRITON_INTERPRET=1`), which is how the tests exercise it.
+`auto` (the default) means triton on CUDA tensors, torch elsewhere.
+
+Registered with `torch.library`, so torch.export, FX serialization (`lmforge.attention.default`) and
+torch.compile all know its schema, its in-place cache writes and its output shape.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+SCHEMA = ("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor attention_mask, "
+          "float scale, bool causal=True, int window=0) -> Tensor")
+KERNEL_MODES = ("auto", "torch", "triton")
+
+_lib = torch.library.Library("lmforge", "DEF")
+_lib.define(SCHEMA)
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("LMFORGE_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"LMFORGE_KERNELS={mode!r}: expected one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def check_kernel_env(device: torch.device) -> None:
+    """Fail early, in one line, on a kernel setting that cannot run on `device`."""
+    from lmforge.errors import LmforgeError
+
+    try:
+        mode = kernel_mode()
+    except ValueError as e:
+        raise LmforgeError(str(e)) from None
+    if mode == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise LmforgeError("LMFORGE_KERNELS=triton on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1")
+
+
+def visible_mask(attention_mask: torch.Tensor, queries: int, causal: bool = True, window: int = 0) -> torch.Tensor:
+    """(B, 1, S, L) bool: which cache slot each of the last `queries` slots sees (the op's mask rule)."""
+    L = attention_mask.shape[1]
+    keys = torch.arange(L, device=attention_mask.device)
+    slots = keys[L - queries:, None]
+    mask = attention_mask.bool()[:, None, None, :]
+    if causal:
+        mask = mask & (keys <= slots)
+        if window > 0:
+            mask = mask & (slots - keys < window)
+    return mask.expand(-1, 1, queries, L)
+
+
+def reference(q, k_cache, v_cache, attention_mask, scale: float, causal: bool = True, window: int = 0) -> torch.Tensor:
+    """Attention over the (already updated) cache with PyTorch ops; the semantics every kernel must match."""
+    B, H, S, D = q.shape
+    Hkv, L = k_cache.shape[1], k_cache.shape[2]
+    G = H // Hkv
+    mask = visible_mask(attention_mask, S, causal, window)
+    result = new_output(q, v_cache.shape[-1])
+    if G > 1:  # (B, Hkv, G * S, D): every query head of a group against its one kv head
+        q = q.reshape(B, Hkv, G * S, D)
+        mask = mask.expand(B, 1, S, L).repeat(1, 1, G, 1)
+    out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, scale=scale)
+    if S > 1:  # a query that sees nothing (a padded prompt slot) gets zeros on every backend
+        out = out.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    result.copy_(out.reshape(B, H, S, -1))
+    return result
+
+
+def new_output(q: torch.Tensor, v_head_dim: int) -> torch.Tensor:
+    """An uninitialized (B, Hq, S, Dv) output, (B, S, Hq, Dv) in memory."""
+    B, H, S, _ = q.shape
+    return q.new_empty((B, S, H, v_head_dim)).transpose(1, 2)
+
+
+def _append(k, v, k_cache, v_cache) -> None:
+    L, S = k_cache.shape[2], k.shape[2]
+    k_cache[:, :, L - S:] = k
+    v_cache[:, :, L - S:] = v
+
+
+def _use_triton(q: torch.Tensor) -> bool:
+    mode = kernel_mode()
+    if mode == "torch":
+        return False
+    if mode == "triton":
+        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("LMFORGE_KERNELS=triton on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1")
+        return True
+    return q.device.type == "cuda"
+
+
+def attention_impl(q, k, v, k_cache, v_cache, attention_mask, scale: float, causal: bool = True, window: int = 0):
+    _append(k, v, k_cache, v_cache)
+    if _use_triton(q):
+        from lmforge.codegen.kernels import attention as kernels
+
+        return kernels.attention(q, k_cache, v_cache, attention_mask, scale, causal, window)
+    return reference(q, k_cache, v_cache, attention_mask, scale, causal, window)
+
+
+_lib.impl("attention", attention_impl, "CPU")
+_lib.impl("attention", attention_impl, "CUDA")
+
+
+@torch.library.register_fake("lmforge::attention")
+def _attention_fake(q, k, v, k_cache, v_cache, attention_mask, scale, causal=True, window=0):
+    return new_output(q, v_cache.shape[-1])
+
+
+attention = torch.ops.lmforge.attention.default

@@ -1,0 +1,24 @@
+"""The GPU benchmark scripts stay runnable between GPU sessions: a smoke run on tiny shapes, on the CPU
+under Triton's interpreter, must print its table with small errors against SDPA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") == "1", reason="the smoke run is for CPU machines")
+def test_attention_bench_smoke():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| prefill", "| decode"))]
+    assert len(rows) == 4
+    for row in rows:
+        assert float(row.rstrip(" |").split("|")[-1]) < 5e-2, row  # bf16 against SDPA
