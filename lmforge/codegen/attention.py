@@ -36,7 +36,7 @@ SCHEMA = ("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!
           "float scale, bool causal=True, int window=0) -> Tensor")
 KERNEL_MODES = ("auto", "torch", "triton")
 
-_lib = torch.library.Library("lmforge", "DEF")
+_lib = torch.library.Library("lmforge", "DEF")  # the namespace; other ops add FRAGMENTs
 _lib.define(SCHEMA)
 
 
@@ -77,8 +77,15 @@ def reference(q, k_cache, v_cache, attention_mask, scale: float, causal: bool = 
     B, H, S, D = q.shape
     Hkv, L = k_cache.shape[1], k_cache.shape[2]
     G = H // Hkv
-    mask = visible_mask(attention_mask, S, causal, window)
     result = new_output(q, v_cache.shape[-1])
+    if S == 1 and causal:  # decode: every slot is at or before the query; one (B, 1, 1, L) mask serves all heads
+        mask = attention_mask[:, None, None, :].bool()
+        if 0 < window < L:
+            mask = mask & (torch.arange(L, device=q.device) >= L - window)
+        out = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, D), k_cache, v_cache, attn_mask=mask, scale=scale)
+        result.copy_(out.reshape(B, H, 1, -1))
+        return result
+    mask = visible_mask(attention_mask, S, causal, window)
     if G > 1:  # (B, Hkv, G * S, D): every query head of a group against its one kv head
         q = q.reshape(B, Hkv, G * S, D)
         mask = mask.expand(B, 1, S, L).repeat(1, 1, G, 1)
@@ -102,6 +109,8 @@ def _append(k, v, k_cache, v_cache) -> None:
 
 
 def _use_triton(q: torch.Tensor) -> bool:
+    if q.device.type == "cpu" and "LMFORGE_KERNELS" not in os.environ:  # the common case, decided cheaply
+        return False
     mode = kernel_mode()
     if mode == "torch":
         return False

@@ -52,7 +52,7 @@ class Engine:
     def __init__(self, ir: GraphIR, max_seq_len: int, device: torch.device, artifact: Artifact | None = None,
                  tokenizer=None, weight_layout: str = "source"):
         self.ir, self.max_seq_len, self.device = ir, max_seq_len, device
-        self.weight_layout = weight_layout  # "source" or "transposed": see runtime/layout.py
+        self.weight_layout = weight_layout  # "source", "transposed" or "gemv": see runtime/layout.py
         self.artifact, self.tokenizer = artifact, tokenizer
         info = (artifact.manifest.get("tokenizer") or {}) if artifact else {}
         self.eos_token_id: int | None = info.get("eos_token_id")
@@ -74,14 +74,13 @@ class Engine:
         art = read_manifest(Path(path))
         if verify:
             verify_files(art)
-        from lmforge.runtime.layout import choose_layout, transpose_linear_weights
+        from lmforge.runtime.layout import apply_layout, choose_layout
 
         ir = load_graph(art, device)
         if device.type != "cpu":
             _retarget(ir, device)
         layout = choose_layout(device, ir.kv.dtype)
-        if layout == "transposed":
-            transpose_linear_weights(ir)
+        apply_layout(ir, layout)
         tokenizer = None
         tok_file = art.path / TOKENIZER_DIR / "tokenizer.json"
         if tok_file.is_file():

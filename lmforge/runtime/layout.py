@@ -6,8 +6,12 @@ of weights too large for the caches) in both layouts: `linear(x, W)` and `x @ Wt
 contiguous. When the transposed layout is clearly faster, every `linear(x, W[, b])` on a weight becomes
 `matmul(x, Wt)[ + b]`. Measured on a 2-core AMD EPYC (AVX-512) with torch 2.13: float32 decode of a
 SmolLM-135M-shaped model went from 17.7 to 21.7 tokens/s; bfloat16 was the same either way (so it keeps
-the source layout). The choice is measured once per process for each dtype; `LMFORGE_WEIGHT_LAYOUT` set
-to `source` or `transposed` overrides it.
+the source layout).
+
+A third choice, `gemv`, keeps the source layout and sends decode-shaped bfloat16 matmuls to lmforge's CPU
+GEMV kernel (`codegen/cpu_gemv.py`, through the `lmforge::linear` op), where it can be built; it streams
+weights at close to the machine's bandwidth. The choice is measured once per process for each dtype;
+`LMFORGE_WEIGHT_LAYOUT` set to `source`, `transposed` or `gemv` overrides it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import time
 
 import torch
 
+from lmforge.codegen import cpu_gemv
+from lmforge.codegen.linear import linear
 from lmforge.errors import ArtifactError
 from lmforge.ir.graph import GraphIR
 
 aten = torch.ops.aten
-LAYOUTS = ("source", "transposed")
+LAYOUTS = ("source", "transposed", "gemv")
 
 
 def _time(fn, repeats: int = 3) -> float:
@@ -42,9 +48,12 @@ def measured_layout(dtype: torch.dtype) -> str:
     weights = [torch.randn(1536, 576, generator=gen).to(dtype) for _ in range(24)]  # ~85 MB in float32
     transposed = [w.t().contiguous() for w in weights]
     x = torch.randn(1, 576, generator=gen).to(dtype)
-    source = _time(lambda: [torch.nn.functional.linear(x, w) for w in weights])
-    trans = _time(lambda: [x @ w for w in transposed])
-    return "transposed" if trans < 0.9 * source else "source"
+    times = {"source": _time(lambda: [torch.nn.functional.linear(x, w) for w in weights]),
+             "transposed": _time(lambda: [x @ w for w in transposed])}
+    if dtype == torch.bfloat16 and cpu_gemv.available():
+        times["gemv"] = _time(lambda: [linear(x, w) for w in weights])
+    best = min(times, key=times.get)
+    return best if times[best] < 0.9 * times["source"] else "source"
 
 
 def choose_layout(device: torch.device, dtype: torch.dtype) -> str:
@@ -52,10 +61,31 @@ def choose_layout(device: torch.device, dtype: torch.dtype) -> str:
     if forced in LAYOUTS:
         return forced
     if forced != "auto":
-        raise ArtifactError(f"LMFORGE_WEIGHT_LAYOUT must be auto, source or transposed, got {forced!r}")
+        raise ArtifactError(f"LMFORGE_WEIGHT_LAYOUT must be auto, source, transposed or gemv, got {forced!r}")
     if device.type != "cpu":
         return "source"  # GPU BLAS libraries take either layout at full speed
     return measured_layout(dtype)
+
+
+def apply_layout(ir: GraphIR, layout: str) -> int:
+    """Rewrite the graph's linear layers for `layout`; returns how many were rewritten."""
+    if layout == "transposed":
+        return transpose_linear_weights(ir)
+    if layout == "gemv":
+        return use_gemv(ir)
+    return 0
+
+
+def use_gemv(ir: GraphIR) -> int:
+    """`aten.linear` on a bfloat16 weight -> `lmforge.linear` (same arguments, same result contract)."""
+    count = 0
+    for node in ir.graph.nodes:
+        if (node.target is aten.linear.default and node.args[1].op == "get_attr"
+                and ir.weight(node.args[1].target).dtype == torch.bfloat16):
+            node.target = linear
+            count += 1
+    ir.gm.recompile()
+    return count
 
 
 def transpose_linear_weights(ir: GraphIR) -> int:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lmforge
+from lmforge.codegen import cpu_gemv
 from lmforge.errors import ArtifactError
 from tests.conftest import random_ids
 
@@ -33,5 +34,30 @@ def test_both_layouts_match_hf(layout, arch, artifacts, hf_model, monkeypatch):
 
 def test_bad_override(monkeypatch, artifacts):
     monkeypatch.setenv("LMFORGE_WEIGHT_LAYOUT", "sideways")
-    with pytest.raises(ArtifactError, match="LMFORGE_WEIGHT_LAYOUT must be auto, source or transposed"):
+    with pytest.raises(ArtifactError, match="LMFORGE_WEIGHT_LAYOUT must be auto, source, transposed or gemv"):
         lmforge.load(artifacts("llama"))
+
+
+@pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build the CPU kernel")
+def test_gemv_layout_in_bfloat16(arch, artifacts, hf_model, monkeypatch):
+    """bfloat16 linears go through lmforge.linear (our GEMV for decode-sized calls) and compute what
+    F.linear computes, up to bfloat16 rounding; prefill-sized calls fall back to F.linear."""
+    path = artifacts(arch, "bfloat16")
+    monkeypatch.setenv("LMFORGE_WEIGHT_LAYOUT", "source")
+    source = lmforge.load(path)
+    monkeypatch.setenv("LMFORGE_WEIGHT_LAYOUT", "gemv")
+    gemv = lmforge.load(path)
+    assert gemv.weight_layout == "gemv"
+    fused = sum(1 for n in gemv.ir.graph.nodes if n.target is torch.ops.lmforge.linear.default)
+    assert fused == sum(1 for n in source.ir.graph.nodes if n.target is aten.linear.default)
+    assert fused > 0 or arch == "gpt2"  # GPT-2's Conv1D layers are addmm, left as they are
+    assert not any(n.target is aten.linear.default for n in gemv.ir.graph.nodes)
+    for ids in (random_ids(1, 5), random_ids(2, 3), random_ids(1, 20)):  # kernel-sized, and a prefill
+        want = source.forward(ids).float()
+        got = gemv.forward(ids).float()
+        assert (got - want).abs().max() <= 0.05 * want.abs().max(), (got - want).abs().max()
+    # greedy decoding through the cache stays close to HF float32, as the source layout does
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        ref = hf_model(ids).logits
+    assert (gemv.forward(ids).float() - ref).abs().max() <= 0.1 * ref.abs().max()

@@ -1,0 +1,116 @@
+"""The CPU GEMV kernel family: `cpu/gemv.c`, built on first use with the machine's C compiler.
+
+    gemv(x, w, b=None) -> y         x (..., K) bfloat16 with at most MAX_ROWS rows, w (N, K), b (N,): y (..., N)
+
+Why: a decode step multiplies one row of activations by every weight, so it is bound by how fast the
+weights stream from memory. PyTorch's bfloat16 one-row matmul (oneDNN) reads about 11-17 GB/s on a
+2-core AVX-512 EPYC whose memory gives 35; this kernel reads 26-33 GB/s there (`bench/decode_cpu.py`).
+
+The source is compiled once per machine with `-O3 -march=native -fopenmp` into a shared library cached
+under `$LMFORGE_CACHE_DIR` (default `~/.cache/lmforge`), named by a hash of the source, the compiler's
+version and the flags, written to a temporary file and renamed (concurrent builds are safe). It is loaded
+with ctypes; its OpenMP is the one torch already loaded, so the two share one thread pool. Without a C
+compiler, or if the build fails, `available()` is False and callers use `torch.nn.functional.linear`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMFORGE_CACHE_DIR") or Path.home() / ".cache" / "lmforge")
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build(extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile gemv.c (if not cached) and return the library's path; raises RuntimeError on failure."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc or gcc) on PATH")
+    flags = FLAGS + tuple(extra_flags)
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    native = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, native, *flags]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"gemv-{key}.so"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {result.stderr.strip().splitlines()[-1:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+class Kernel:
+    """One loaded build of gemv.c."""
+
+    def __init__(self, path: Path):
+        import torch  # noqa: F401  (torch's libgomp must be loaded first: the kernel then shares it)
+
+        self.lib = ctypes.CDLL(str(path))
+        self.lib.gemv_isa.restype = ctypes.c_char_p
+        self.isa = self.lib.gemv_isa().decode()
+        fn = self.lib.gemv_bf16
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self._fn = fn
+
+    def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear(x, w, b)`; the caller checks `supports(x, w, b)` first (this is the hot path)."""
+        N, K = w.shape
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = x.new_empty((*x.shape[:-1], N))
+        if self._fn(x2.data_ptr(), x2.stride(0), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N,
+                    M, N, K, torch.get_num_threads()):
+            raise ValueError(f"gemv: {M} rows of x, the kernel takes 1..{MAX_ROWS}")
+        return y
+
+
+def supports(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
+    """Can the kernel compute `linear(x, w, b)`? bfloat16 CPU tensors, w (N, K) contiguous, few rows."""
+    return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.device.type == "cpu"
+            and w.dim() == 2 and w.is_contiguous() and x.shape[-1] == w.shape[1] and 0 < x.numel() // max(1, w.shape[1]) <= MAX_ROWS
+            and (b is None or (b.dtype == torch.bfloat16 and b.is_contiguous() and b.shape == (w.shape[0],))))
+
+
+@functools.lru_cache(maxsize=None)
+def kernel() -> Kernel | None:
+    """The machine's build, or None when it cannot be built (no compiler, unsupported platform)."""
+    if os.environ.get("LMFORGE_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        return Kernel(build())
+    except (RuntimeError, OSError):
+        return None
+
+
+def available() -> bool:
+    return kernel() is not None
