@@ -85,14 +85,26 @@ def optimize(ctx, model, output, dtype, max_seq_len, pipeline, print_after, dump
         print_after=frozenset(print_after), print_fn=click.echo, dump_dir=dump_ir, verify_each=debug,
         reproducer_dir=output.parent / f"{output.name}.reproducer" if debug else None,
     )
-    with console.status("starting") as status:
-        def progress(stage: str) -> None:
-            status.update({"load": "loading the model", "capture": "capturing with torch.export",
-                           "write": "writing the artifact"}.get(stage, stage))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        instruments.on_pass_start = lambda name: status.update(f"pass {name}")
+    stages = {"load": "loading the model", "capture": "capturing with torch.export", "write": "writing the artifact"}
+    columns = (SpinnerColumn(), TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=len(stages))  # the passes are added once the pipeline is known
+        started = [0]
+
+        def begin(description: str) -> None:
+            if started[0]:
+                bar.advance(task)
+            started[0] += 1
+            bar.update(task, description=description)
+
+        instruments.on_pipeline_start = lambda n: bar.update(task, total=len(stages) + n)
+        instruments.on_pass_start = lambda name: begin(f"pass {name}")
         art = lmforge.optimize(model, output, dtype=dtype, max_seq_len=max_seq_len, pipeline=pipeline,
-                               instruments=instruments, progress=progress)
+                               instruments=instruments, progress=lambda stage: begin(stages.get(stage, stage)))
+        bar.advance(task)
     m = art.manifest
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"wrote {art.path} ({size / 1e6:.1f} MB): {m['source']['model']}, {m['dtype']}, "

@@ -1,6 +1,7 @@
-"""The CPU GEMV kernel family: `cpu/gemv.c`, built on first use with the machine's C compiler.
+"""The CPU decode kernels: `cpu/gemv.c`, built on first use with the machine's C compiler.
 
-    gemv(x, w, b=None) -> y         x (..., K) bfloat16 with at most MAX_ROWS rows, w (N, K), b (N,): y (..., N)
+    kernel()(x, w, b=None) -> y          x (..., K) bfloat16 with at most MAX_ROWS rows, w (N, K), b (N,): y (..., N)
+    kernel().rms_norm(x, w, eps) -> y    x (..., K) bfloat16, w (K,) bfloat16: RMSNorm in float32, rounded once
 
 Why: a decode step multiplies one row of activations by every weight, so it is bound by how fast the
 weights stream from memory. PyTorch's bfloat16 one-row matmul (oneDNN) reads about 11-17 GB/s on a
@@ -55,7 +56,7 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(f"{cc} failed on {SOURCE.name}: {result.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, target)
@@ -79,6 +80,21 @@ class Kernel:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
         self._fn = fn
+        norm = self.lib.rmsnorm_bf16
+        norm.restype = ctypes.c_int
+        norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        self._norm = norm
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """bf16(w * x / sqrt(mean(x^2) + eps)) over the last dim, in float32; x, w bfloat16, w contiguous."""
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = x.new_empty(x.shape)
+        self._norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), eps, y.data_ptr(), K, x2.shape[0], K)
+        return y
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """`linear(x, w, b)`; the caller checks `supports(x, w, b)` first (this is the hot path)."""
@@ -97,7 +113,8 @@ class Kernel:
 def supports(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
     """Can the kernel compute `linear(x, w, b)`? bfloat16 CPU tensors, w (N, K) contiguous, few rows."""
     return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.device.type == "cpu"
-            and w.dim() == 2 and w.is_contiguous() and x.shape[-1] == w.shape[1] and 0 < x.numel() // max(1, w.shape[1]) <= MAX_ROWS
+            and w.dim() == 2 and w.is_contiguous() and x.shape[-1] == w.shape[1]
+            and 0 < x.numel() // max(1, w.shape[1]) <= MAX_ROWS
             and (b is None or (b.dtype == torch.bfloat16 and b.is_contiguous() and b.shape == (w.shape[0],))))
 
 

@@ -3,7 +3,14 @@
 Importing this package registers the built-in passes. `default_pipeline` is what `lmforge optimize` runs.
 """
 
-from lmforge.passes import constant_fold, convert_dtype, dce, fuse_attention, remove_noops  # noqa: F401  (registration)
+from lmforge.passes import (  # noqa: F401  (registration)
+    constant_fold,
+    convert_dtype,
+    dce,
+    fuse_attention,
+    fuse_rmsnorm,
+    remove_noops,
+)
 from lmforge.passes.manager import (
     Instruments,
     PassManager,
@@ -20,11 +27,12 @@ __all__ = ["Instruments", "PassManager", "PassResult", "default_pipeline", "form
 
 
 def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None) -> str:
-    """cleanup -> fuse (attention) -> lower (dtype) -> fold (and tabulate per-position work up to max_seq_len)
-    -> cleanup."""
+    """cleanup -> fuse (attention) -> lower (dtype) -> fuse (norms, with the casts lowering added) -> fold (and
+    tabulate per-position work up to max_seq_len) -> cleanup."""
     steps = ["remove-noops", "dce", "fuse-attention"]
     if dtype in ("bfloat16", "float16"):
         steps.append(f"convert-dtype{{dtype={dtype}}}")
+    steps.append("fuse-rmsnorm")
     steps.append(f"constant-fold{{max_positions={max_seq_len}}}" if max_seq_len else "constant-fold")
     steps.append("dce")
     return ",".join(steps)

@@ -177,7 +177,8 @@ class Instruments:
     dump_dir: Path | None = None  # write the IR after each pass to NN-name.txt here
     verify_each: bool = False  # run the verifier after every pass (debug mode)
     reproducer_dir: Path | None = None  # on failure: input graph + pipeline string, for `lmforge` to replay
-    on_pass_start: Callable[[str], None] | None = None  # progress reporting
+    on_pass_start: Callable[[str], None] | None = None  # progress reporting: each pass's name as it starts
+    on_pipeline_start: Callable[[int], None] | None = None  # progress reporting: how many passes will run
 
 
 class PassManager:
@@ -196,6 +197,8 @@ class PassManager:
         passes = registered_passes()
         inst = self.instruments
         verify(ir, where="before the pipeline")
+        if inst.on_pipeline_start:
+            inst.on_pipeline_start(len(self.steps))
         done: list[str] = []
         for index, step in enumerate(self.steps):
             info = passes[step.name]

@@ -60,3 +60,26 @@ def test_linear_op_falls_back_beyond_the_kernel():
         got = linear(x, w.to(x.dtype))
         assert got.dtype == x.dtype
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("M,K", [(1, 576), (3, 33), (2, 7), (5, 1536)])
+def test_rms_norm_kernel_matches_float64(kernel, M, K):
+    gen = torch.Generator().manual_seed(M + K)
+    x = (torch.randn(M, K + 2, generator=gen) * 3 + 0.1).bfloat16()[:, :K]
+    w = (torch.randn(K, generator=gen) + 1).bfloat16()
+    y = kernel.rms_norm(x, w, 1e-5)
+    x64 = x.double()
+    want = w.double() * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, K)
+    assert ((y.double() - want).abs() <= 2 ** -8 * want.abs() + 1e-6).all()
+
+
+def test_rms_norm_op_equals_its_reference():
+    from lmforge.codegen.rms_norm import reference, rms_norm
+
+    x, w = torch.randn(2, 3, 40).bfloat16(), torch.randn(40).bfloat16()
+    for out_dtype, cast_first in ((torch.bfloat16, False), (torch.bfloat16, True), (torch.float32, False)):
+        got = rms_norm(x, w, 1e-6, out_dtype, cast_first)
+        want = reference(x, w, 1e-6, out_dtype, cast_first)
+        assert got.dtype == out_dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8, atol=1e-6)

@@ -43,8 +43,10 @@ def test_pipeline_text_round_trips():
     assert steps[2].options.dtype == "float16" and steps[3].options.max_new_bytes == 64
     assert format_pipeline(steps) == text
     assert format_pipeline(parse_pipeline("constant-fold{max_positions=0}")) == "constant-fold"  # defaults are not printed
-    assert default_pipeline("bfloat16") == "remove-noops,dce,fuse-attention,convert-dtype{dtype=bfloat16},constant-fold,dce"
-    assert default_pipeline(None, 64) == "remove-noops,dce,fuse-attention,constant-fold{max_positions=64},dce"
+    assert default_pipeline("bfloat16") == ("remove-noops,dce,fuse-attention,convert-dtype{dtype=bfloat16},"
+                                            "fuse-rmsnorm,constant-fold,dce")
+    assert default_pipeline(None, 64) == ("remove-noops,dce,fuse-attention,fuse-rmsnorm,"
+                                          "constant-fold{max_positions=64},dce")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -1,0 +1,50 @@
+"""`lmforge::rms_norm`: RMSNorm as one op.
+
+    rms_norm(x, weight, eps, out_dtype, cast_before_weight=False) -> y      x (..., K), weight (K,), y (..., K)
+
+    x32 = x.float();  n = x32 * rsqrt(mean(x32^2, -1) + eps)
+    y = (weight.float() * n).to(out_dtype)              cast_before_weight=False  (one rounding)
+    y = weight * n.to(x.dtype), in out_dtype            cast_before_weight=True   (Hugging Face's bf16 order)
+
+The CPU runs bfloat16 rows through `cpu/gemv.c`'s `rmsnorm_bf16` (decode-sized inputs, one rounding);
+everything else, and every other device, runs the PyTorch reference below.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmforge.codegen import cpu_gemv
+
+_lib = torch.library.Library("lmforge", "FRAGMENT")
+_lib.define("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype, bool cast_before_weight=False) "
+            "-> Tensor")
+KERNEL_MAX_ROWS = 64
+
+
+def reference(x, weight, eps: float, out_dtype: torch.dtype, cast_before_weight: bool = False):
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    if cast_before_weight:
+        return (weight * normed.to(x.dtype)).to(out_dtype)
+    return (weight.float() * normed).to(out_dtype)
+
+
+def _rms_norm_cpu(x, weight, eps, out_dtype, cast_before_weight=False):
+    kernel = cpu_gemv.kernel()
+    if (kernel is not None and not cast_before_weight and x.dtype == weight.dtype == out_dtype == torch.bfloat16
+            and weight.is_contiguous() and weight.dim() == 1 and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]):
+        return kernel.rms_norm(x, weight, eps)
+    return reference(x, weight, eps, out_dtype, cast_before_weight)
+
+
+_lib.impl("rms_norm", _rms_norm_cpu, "CPU")
+_lib.impl("rms_norm", reference, "CUDA")
+
+
+@torch.library.register_fake("lmforge::rms_norm")
+def _rms_norm_fake(x, weight, eps, out_dtype, cast_before_weight=False):
+    return x.new_empty(x.shape, dtype=out_dtype)
+
+
+rms_norm = torch.ops.lmforge.rms_norm.default
