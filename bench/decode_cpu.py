@@ -3,7 +3,8 @@
 What it measures: a SmolLM-135M-shaped Llama (random weights, seed 0) generates exactly N new tokens
 after a random batch-1 prompt of P tokens, in float32 and in bfloat16, once with transformers'
 `model.generate` (eager, dynamic cache) and once with `lmforge.load(...).generate`. Each is warmed up
-once and timed as the best of `--repeats` runs of the whole call (prefill + decode):
+once and timed as the best of `--repeats` runs of the whole call (prefill + decode), the two engines'
+runs alternating so that both see the same machine conditions:
 
     tokens/s      = N / seconds
     bytes/step    = weight bytes (each parameter once, tied embeddings once)
@@ -82,15 +83,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def best_of(fn: Callable[[], torch.Tensor], repeats: int) -> tuple[float, torch.Tensor]:
-    """Run `fn` once to warm up, then `repeats` timed times; the best seconds and the last output."""
-    out = fn()
-    best = float("inf")
+def best_of_interleaved(fns: list[Callable[[], torch.Tensor]], repeats: int) -> list[tuple[float, torch.Tensor]]:
+    """Warm each of `fns` up once, then time them in turn, `repeats` rounds; each one's best seconds and last
+    output. Alternating keeps both engines under the same machine conditions (this VM's speed drifts)."""
+    outs = [fn() for fn in fns]
+    best = [float("inf")] * len(fns)
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            outs[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return list(zip(best, outs))
 
 
 def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_tokens: int, repeats: int,
@@ -99,18 +102,18 @@ def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_toke
     prompt_len = ids.shape[1]
     hf = copy.deepcopy(model).to(DTYPES[dtype])
     mask = torch.ones_like(ids)
-    hf_s, hf_out = best_of(lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
-                                               min_new_tokens=new_tokens, do_sample=False), repeats)
     step_weights = weight_bytes(hf)
-    del hf
-
     max_seq_len = -(-(prompt_len + new_tokens) // 64) * 64
     out_dir = workdir / dtype
     lmforge.optimize(model, output_dir=out_dir, dtype=dtype, max_seq_len=max_seq_len)
     eng = lmforge.load(out_dir)
-    lm_s, lm_out = best_of(lambda: eng.generate(ids, max_new_tokens=new_tokens, do_sample=False), repeats)
+    (hf_s, hf_out), (lm_s, lm_out) = best_of_interleaved([
+        lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                            do_sample=False),
+        lambda: eng.generate(ids, max_new_tokens=new_tokens, do_sample=False),
+    ], repeats)
     kv_bytes = eng.ir.kv.bytes_per_token() * (prompt_len + new_tokens / 2)
-    del eng
+    del eng, hf
 
     step_bytes = step_weights + kv_bytes
     hf_tps, lm_tps = new_tokens / hf_s, new_tokens / lm_s
@@ -145,7 +148,7 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length (default 32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; best counts (default 3)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; best counts (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()

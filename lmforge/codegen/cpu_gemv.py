@@ -2,6 +2,7 @@
 
     kernel()(x, w, b=None) -> y          x (..., K) bfloat16 with at most MAX_ROWS rows, w (N, K), b (N,): y (..., N)
     kernel().rms_norm(x, w, eps) -> y    x (..., K) bfloat16, w (K,) bfloat16: RMSNorm in float32, rounded once
+    kernel().rotary(x, cos, sin) -> y    x (B, H, S, D), cos/sin (B, 1|H, S, D) bfloat16: rotate-half rotary
 
 Why: a decode step multiplies one row of activations by every weight, so it is bound by how fast the
 weights stream from memory. PyTorch's bfloat16 one-row matmul (oneDNN) reads about 11-17 GB/s on a
@@ -85,6 +86,21 @@ class Kernel:
         norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
         self._norm = norm
+        rot = self.lib.rotary_bf16
+        rot.restype = ctypes.c_int
+        rot.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + \
+            [ctypes.c_void_p] + [ctypes.c_int64] * 4
+        self._rotary = rot
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x * cos + rotate_half(x) * sin with bfloat16 rounding after each op; x (B, H, S, D), cos and sin
+        (B, 1 or H, S, D) with the same strides; all bfloat16 with the last dim contiguous."""
+        B, H, S, D = x.shape
+        out = x.new_empty((B, H, S, D))
+        cb, ch, cs, _ = cos.stride()
+        self._rotary(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
+                     cb if cos.shape[0] > 1 else 0, ch if cos.shape[1] > 1 else 0, cs, out.data_ptr(), B, H, S, D)
+        return out
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """bf16(w * x / sqrt(mean(x^2) + eps)) over the last dim, in float32; x, w bfloat16, w contiguous."""

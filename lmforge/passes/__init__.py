@@ -9,6 +9,7 @@ from lmforge.passes import (  # noqa: F401  (registration)
     dce,
     fuse_attention,
     fuse_rmsnorm,
+    fuse_rotary,
     remove_noops,
 )
 from lmforge.passes.manager import (
@@ -27,12 +28,12 @@ __all__ = ["Instruments", "PassManager", "PassResult", "default_pipeline", "form
 
 
 def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None) -> str:
-    """cleanup -> fuse (attention) -> lower (dtype) -> fuse (norms, with the casts lowering added) -> fold (and
+    """cleanup -> fuse (attention) -> lower (dtype) -> fuse (norms and rotary, with the casts lowering added) -> fold (and
     tabulate per-position work up to max_seq_len) -> cleanup."""
     steps = ["remove-noops", "dce", "fuse-attention"]
     if dtype in ("bfloat16", "float16"):
         steps.append(f"convert-dtype{{dtype={dtype}}}")
-    steps.append("fuse-rmsnorm")
+    steps += ["fuse-rmsnorm", "fuse-rotary"]
     steps.append(f"constant-fold{{max_positions={max_seq_len}}}" if max_seq_len else "constant-fold")
     steps.append("dce")
     return ",".join(steps)

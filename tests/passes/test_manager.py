@@ -44,8 +44,8 @@ def test_pipeline_text_round_trips():
     assert format_pipeline(steps) == text
     assert format_pipeline(parse_pipeline("constant-fold{max_positions=0}")) == "constant-fold"  # defaults are not printed
     assert default_pipeline("bfloat16") == ("remove-noops,dce,fuse-attention,convert-dtype{dtype=bfloat16},"
-                                            "fuse-rmsnorm,constant-fold,dce")
-    assert default_pipeline(None, 64) == ("remove-noops,dce,fuse-attention,fuse-rmsnorm,"
+                                            "fuse-rmsnorm,fuse-rotary,constant-fold,dce")
+    assert default_pipeline(None, 64) == ("remove-noops,dce,fuse-attention,fuse-rmsnorm,fuse-rotary,"
                                           "constant-fold{max_positions=64},dce")
 
 

@@ -9,7 +9,8 @@
  * blocks of weight rows, so every thread streams memory sequentially. Products accumulate in float32:
  * with AVX512-BF16 through vdpbf16ps (32 products per instruction), else bfloat16 is widened to float32
  * (AVX-512F, then AVX2/FMA, then plain C). The result is rounded to bfloat16 to nearest even.
- * The file also holds the RMSNorm the decode step runs between its GEMVs (`rmsnorm_bf16`).
+ * The file also holds the elementwise work a decode step runs between its GEMVs: RMSNorm (`rmsnorm_bf16`)
+ * and the rotary embedding (`rotary_bf16`).
  */
 #include <stdint.h>
 #include <math.h>
@@ -152,5 +153,29 @@ int rmsnorm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, float eps, u
         float r = 1.0f / sqrtf(ss / (float)K + eps);
         for (k = 0; k < K; k++) y[m * ldy + k] = f32_to_bf16(bf16_to_f32(w[k]) * (bf16_to_f32(row[k]) * r));
     }
+    return 0;
+}
+
+/* Rotary embedding, rotate-half form, with PyTorch's bfloat16 rounding after each op:
+ *   out = bf16(bf16(x * cos) + bf16(rotate_half(x) * sin)),  rotate_half(x) = cat(-x[D/2:], x[:D/2])
+ *   x (B, H, S, D) and cos/sin (B, H|1, S, D) with strides in elements (the last dim contiguous),
+ *   out (B, H, S, D) contiguous. Returns 0. */
+int rotary_bf16(const uint16_t *x, int64_t sxb, int64_t sxh, int64_t sxs, const uint16_t *cs, const uint16_t *sn,
+                int64_t scb, int64_t sch, int64_t scs, uint16_t *out, int64_t B, int64_t H, int64_t S, int64_t D) {
+    int64_t half = D / 2;
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t s = 0; s < S; s++) {
+                const uint16_t *xr = x + b * sxb + h * sxh + s * sxs;
+                const uint16_t *c = cs + b * scb + h * sch + s * scs;
+                const uint16_t *n = sn + b * scb + h * sch + s * scs;
+                uint16_t *o = out + ((b * H + h) * S + s) * D;
+                for (int64_t d = 0; d < D; d++) {
+                    float rot = d < half ? -bf16_to_f32(xr[d + half]) : bf16_to_f32(xr[d - half]);
+                    float a = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[d]) * bf16_to_f32(c[d])));
+                    float r = bf16_to_f32(f32_to_bf16(rot * bf16_to_f32(n[d])));
+                    o[d] = f32_to_bf16(a + r);
+                }
+            }
     return 0;
 }
