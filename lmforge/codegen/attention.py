@@ -79,9 +79,11 @@ def reference(q, k_cache, v_cache, attention_mask, scale: float, causal: bool = 
     G = H // Hkv
     result = new_output(q, v_cache.shape[-1])
     if S == 1 and causal:  # decode: every slot is at or before the query; one (B, 1, 1, L) mask serves all heads
-        mask = attention_mask[:, None, None, :].bool()
-        if 0 < window < L:
-            mask = mask & (torch.arange(L, device=q.device) >= L - window)
+        mask = None
+        if window and window < L:
+            mask = attention_mask[:, None, None, :].bool() & (torch.arange(L, device=q.device) >= L - window)
+        elif q.device.type != "cpu" or not bool(attention_mask.all()):  # no padding (on the CPU: no sync): no mask
+            mask = attention_mask[:, None, None, :].bool()
         out = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, D), k_cache, v_cache, attn_mask=mask, scale=scale)
         result.copy_(out.reshape(B, H, 1, -1))
         return result

@@ -18,7 +18,8 @@ from lmforge.ir.spec import TensorSpec
 
 aten = torch.ops.aten
 fused_attention = torch.ops.lmforge.attention.default
-_WEIGHT_MATMULS = {aten.linear.default: 1, aten.mm.default: 1, aten.addmm.default: 2, aten.matmul.default: 1}
+_WEIGHT_MATMULS = {aten.linear.default: 1, aten.mm.default: 1, aten.addmm.default: 2, aten.matmul.default: 1,
+                   torch.ops.lmforge.linear.default: 1}
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,9 @@ class Engine:
         vocab = out.args[0][0].meta["spec"].shape[-1]
         self.vocab_size = int(vocab) if isinstance(vocab, int) else int(ir.config.get("vocab_size", 0))
         self._cache: KVCache | None = None
+        from lmforge.ir.analysis import cost
+
+        self.cost = cost(ir)  # FLOPs per token (`load` sets it from the graph as the artifact holds it)
 
     # --- loading ---------------------------------------------------------------------------------
 
@@ -79,8 +82,14 @@ class Engine:
         ir = load_graph(art, device)
         if device.type != "cpu":
             _retarget(ir, device)
+        from lmforge.ir.analysis import cost
+
+        graph_cost = cost(ir)
         layout = choose_layout(device, ir.kv.dtype)
         apply_layout(ir, layout)
+        from lmforge.runtime.bind import bind_cpu_kernels
+
+        bind_cpu_kernels(ir, device)
         tokenizer = None
         tok_file = art.path / TOKENIZER_DIR / "tokenizer.json"
         if tok_file.is_file():
@@ -90,7 +99,9 @@ class Engine:
                 tokenizer = Tokenizer.from_file(str(tok_file))
             except Exception as e:  # tokenizers raises its own Exception type
                 raise ArtifactError(f"{tok_file} cannot be read: {str(e).splitlines()[0]}") from None
-        return cls(ir, art.max_seq_len, device, art, tokenizer, weight_layout=layout)
+        eng = cls(ir, art.max_seq_len, device, art, tokenizer, weight_layout=layout)
+        eng.cost = graph_cost
+        return eng
 
     # --- one step --------------------------------------------------------------------------------
 

@@ -70,7 +70,6 @@ class BenchResult:
 def bench_engine(eng, batch: int = 1, prompt_len: int = 32, new_tokens: int = 64, warmup: int = 1,
                  repeats: int = 3, machine: bool = True) -> BenchResult:
     """Time prefill and decode of random prompts on `eng` (best of `repeats` runs)."""
-    from lmforge.ir.analysis import cost
     from lmforge.runtime.kv_cache import KVCache
 
     device = eng.device
@@ -105,7 +104,7 @@ def bench_engine(eng, batch: int = 1, prompt_len: int = 32, new_tokens: int = 64
     tpot = best_decode / steps
     bandwidth = memory_bandwidth(device) if machine else None
     peak = peak_flops(device, eng.ir.kv.dtype) if machine else None
-    c = cost(eng.ir)
+    c = eng.cost  # of the artifact's graph, before the runtime rewrote it for this machine
     param_bytes = sum(t.numel() * t.element_size() for t in eng.ir.weights().values())
     mean_context = prompt_len + steps / 2
     step_bytes = param_bytes + batch * mean_context * eng.ir.kv.bytes_per_token()
