@@ -62,6 +62,44 @@ def _prune_prefill(configs, named_args, **kwargs):
 # --- kernels ------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _attend_block(q, k_base, v_base, AM_row, n, in_range, rows_ok, slot, m_i, l_i, acc,
+                  sk_n, sk_d, sv_n, sv_d, sm_n, D, DV, qk_scale, window,
+                  CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """One K/V block for a block of query rows: mask, scores, online-softmax update. Returns (m, l, acc).
+
+    n (BLOCK_N,) key slots, in_range their bounds, rows_ok/slot (rows,) which rows are real and their slots;
+    m, l, acc the running max (base 2), sum of exps and unnormalised output of each row."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    keep = in_range & (tl.load(AM_row + n * sm_n, mask=in_range, other=0) != 0)
+    visible = keep[None, :] & rows_ok[:, None]
+    if CAUSAL:
+        visible = visible & (n[None, :] <= slot[:, None])
+    if HAS_WINDOW:
+        visible = visible & (slot[:, None] - n[None, :] < window)
+    k = tl.load(k_base + n[None, :] * sk_n + offs_d[:, None] * sk_d,
+                mask=in_range[None, :] & (offs_d[:, None] < D), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + n[:, None] * sv_n + offs_dv[None, :] * sv_d,
+                mask=in_range[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    p = p.to(v.dtype)
+    if UPCAST:
+        p = p.to(tl.float32)
+        v = v.to(tl.float32)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
 @triton.autotune(configs=PREFILL_CONFIGS, key=["S_BUCKET", "L_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "HAS_WINDOW"],
                  prune_configs_by={"early_config_prune": _prune_prefill}, cache_results=True)
 @triton.jit
@@ -109,34 +147,12 @@ def _prefill_kernel(
             lo = (lo // BLOCK_N) * BLOCK_N
     k_base = K + b * sk_b + kvh * sk_h
     v_base = V + b * sv_b + kvh * sv_h
+    rows_ok = offs_m < S
     for start in tl.range(lo, hi, BLOCK_N):
         n = start + offs_n
-        in_range = n < L
-        k = tl.load(k_base + n[None, :] * sk_n + offs_d[:, None] * sk_d,
-                    mask=in_range[None, :] & (offs_d[:, None] < D), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        keep = in_range & (tl.load(AM + b * sm_b + n * sm_n, mask=in_range, other=0) != 0)
-        visible = keep[None, :]
-        if CAUSAL:
-            visible = visible & (n[None, :] <= slot[:, None])
-        if HAS_WINDOW:
-            visible = visible & (slot[:, None] - n[None, :] < window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen nothing yet
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n[:, None] * sv_n + offs_dv[None, :] * sv_d,
-                    mask=in_range[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        p = p.to(v.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_base, v_base, AM + b * sm_b, n, n < L, rows_ok, slot, m_i, l_i, acc,
+                                      sk_n, sk_d, sv_n, sv_d, sm_n, D, DV, qk_scale, window,
+                                      CAUSAL, HAS_WINDOW, PRECISION, UPCAST, BLOCK_D, BLOCK_DV)
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * so_b + h * so_h + offs_m[:, None] * so_m + offs_dv[None, :] * so_d, out.to(O.dtype.element_ty),
              mask=(offs_m[:, None] < S) & (offs_dv[None, :] < DV))
@@ -193,32 +209,9 @@ def _decode_split_kernel(
     v_base = V + b * sv_b + kvh * sv_h
     for n0 in tl.range(start, end, BLOCK_N):
         n = n0 + offs_n
-        in_range = (n < end) & (n >= 0)
-        k = tl.load(k_base + n[None, :] * sk_n + offs_d[:, None] * sk_d,
-                    mask=in_range[None, :] & (offs_d[:, None] < D), other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
-        keep = in_range & (tl.load(AM + b * sm_b + n * sm_n, mask=in_range, other=0) != 0)
-        visible = keep[None, :] & row_ok[:, None]
-        if CAUSAL:
-            visible = visible & (n[None, :] <= slot[:, None])
-        if HAS_WINDOW:
-            visible = visible & (slot[:, None] - n[None, :] < window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + n[:, None] * sv_n + offs_dv[None, :] * sv_d,
-                    mask=in_range[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        p = p.to(v.dtype)
-        if UPCAST:
-            p = p.to(tl.float32)
-            v = v.to(tl.float32)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _attend_block(q, k_base, v_base, AM + b * sm_b, n, (n < end) & (n >= 0), row_ok, slot,
+                                      m_i, l_i, acc, sk_n, sk_d, sv_n, sv_d, sm_n, D, DV, qk_scale, window,
+                                      CAUSAL, HAS_WINDOW, PRECISION, UPCAST, BLOCK_D, BLOCK_DV)
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
