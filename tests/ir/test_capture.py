@@ -37,6 +37,18 @@ def run_chunks(ir, ids, chunks):
     return torch.cat(outs, dim=1)
 
 
+def assert_matches_hf(ir, model, ids, chunks, dtype: str = "float32") -> None:
+    """The graph, fed `ids` in `chunks` through one cache, against HF eager's logits: within 1e-4 in float32;
+    in a half dtype, within 5% of the logits' largest magnitude."""
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    got = run_chunks(ir, ids, chunks).float()
+    if dtype == "float32":
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    else:
+        assert (got - want).abs().max() <= 0.05 * want.abs().max(), (got - want).abs().max()
+
+
 @pytest.fixture(scope="module")
 def captured(hf_model):
     return capture(hf_model)

@@ -25,13 +25,19 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_matches_hf(family):
+def build_family(family: str, **overrides) -> torch.nn.Module:
+    """A tiny random model of `family` (seed 0), with `overrides` on top of its config in FAMILIES."""
     import transformers
 
-    config_cls, model_cls, overrides = FAMILIES[family]
+    config_cls, model_cls, base = FAMILIES[family]
     torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**COMMON, **overrides})).eval()
+    config = getattr(transformers, config_cls)(**{**COMMON, **base, **overrides})
+    return getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_hf(family):
+    model = build_family(family)
     ir = capture(model)
     PassManager(default_pipeline(None, 64)).run(ir)
     ids = torch.randint(1, 131, (2, 11), generator=torch.Generator().manual_seed(1))

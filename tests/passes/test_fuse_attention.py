@@ -10,7 +10,8 @@ from lmforge.ir.capture import capture
 from lmforge.ir.printer import format_node
 from lmforge.passes import PassManager
 from tests.conftest import make_model, random_ids
-from tests.ir.test_capture import run_chunks
+from tests.ir.test_capture import assert_matches_hf, run_chunks
+from tests.ir.test_capture_archs import build_family
 
 aten = torch.ops.aten
 FUSED = torch.ops.lmforge.attention.default
@@ -76,29 +77,18 @@ def test_triton_path_matches_hf_eager(monkeypatch, arch_):
     model = make_model(arch_)
     ir = capture(model)
     PassManager(PIPELINE).run(ir)
-    ids = random_ids(2, 11)
-    with torch.no_grad():
-        want = model(ids).logits
-    torch.testing.assert_close(run_chunks(ir, ids, [6, 1, 4]), want, rtol=1e-4, atol=1e-4)
+    assert_matches_hf(ir, model, random_ids(2, 11), [6, 1, 4])
 
 
 def test_softcapping_left_unfused_with_reason():
     # Gemma 2 puts tanh between QK^T and the softmax; the op has no softcapping, so fusing would be wrong
-    import transformers
-
-    config = transformers.Gemma2Config(vocab_size=131, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=4)
-    torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(config).eval()
+    model = build_family("gemma2")
     ir = capture(model)
     PassManager(PIPELINE).run(ir)
     stats = ir.history[2]["stats"]
     assert stats == {"attentions": 2, "fused": 0, "unfused: softcapping (tanh on the scores) is not supported": 2}
     assert FUSED not in ops(ir) and ops(ir).count(aten.index_copy_.default) == 4
-    ids = random_ids(1, 9)
-    with torch.no_grad():
-        want = model(ids).logits
-    torch.testing.assert_close(run_chunks(ir, ids, [5, 4]), want, rtol=1e-4, atol=1e-4)
+    assert_matches_hf(ir, model, random_ids(1, 9), [5, 4])
 
 
 def test_mask_checked_by_meaning_not_shape():

@@ -11,7 +11,8 @@ import torch
 from lmforge.ir.capture import capture
 from lmforge.passes import PassManager
 from tests.conftest import make_model, random_ids
-from tests.ir.test_capture import run_chunks
+from tests.ir.test_capture import assert_matches_hf, run_chunks
+from tests.ir.test_capture_archs import build_family
 
 aten = torch.ops.aten
 FUSED = torch.ops.lmforge.rms_norm.default
@@ -43,14 +44,7 @@ def test_every_norm_fused_and_matches_hf(arch, hf_model, dtype):
                 x, w, eps, out_dtype, cast_first = node.args
                 assert eps == pytest.approx(1e-6) and out_dtype == getattr(torch, dtype) and cast_first is False
                 assert w.op == "get_attr" and x.meta["spec"].dtype == getattr(torch, dtype)
-    ids = random_ids(2, 10)
-    with torch.no_grad():
-        want = hf_model(ids).logits
-    got = run_chunks(ir, ids, [6, 1, 3]).float()
-    if dtype == "float32":
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    else:
-        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert_matches_hf(ir, hf_model, random_ids(2, 10), [6, 1, 3], dtype)
 
 
 def test_model_captured_in_bfloat16_keeps_hf_order():
@@ -68,19 +62,11 @@ def test_model_captured_in_bfloat16_keeps_hf_order():
 
 
 def test_gemma_one_plus_weight():
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.GemmaForCausalLM(transformers.GemmaConfig(
-        vocab_size=131, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16)).eval()
+    model = build_family("gemma")
     ir = capture(model)
     PassManager("remove-noops,dce,fuse-attention,fuse-rmsnorm,constant-fold,dce").run(ir)
     assert stats(ir) == {"fused": 5}
-    ids = random_ids(1, 8)
-    with torch.no_grad():
-        want = model(ids).logits
-    torch.testing.assert_close(run_chunks(ir, ids, [5, 3]), want, rtol=1e-4, atol=1e-4)
+    assert_matches_hf(ir, model, random_ids(1, 8), [5, 3])
 
 
 def test_intermediate_with_another_user_is_left_alone():

@@ -8,7 +8,8 @@ import torch
 from lmforge.ir.capture import capture
 from lmforge.passes import PassManager
 from tests.conftest import make_model, random_ids
-from tests.ir.test_capture import run_chunks
+from tests.ir.test_capture import assert_matches_hf
+from tests.ir.test_capture_archs import build_family
 
 aten = torch.ops.aten
 FUSED = torch.ops.lmforge.rotary.default
@@ -37,32 +38,17 @@ def test_q_and_k_rotations_fused_and_match_hf(arch, hf_model, dtype):
                 x, cos, sin = node.args
                 assert cos.meta["spec"].shape[1] == 1 == sin.meta["spec"].shape[1]
                 assert x.meta["spec"].dtype == cos.meta["spec"].dtype == getattr(torch, dtype)
-    ids = random_ids(2, 10)
-    with torch.no_grad():
-        want = hf_model(ids).logits
-    got = run_chunks(ir, ids, [6, 1, 3]).float()
-    if dtype == "float32":
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-    else:
-        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+    assert_matches_hf(ir, hf_model, random_ids(2, 10), [6, 1, 3], dtype)
 
 
 def test_partial_rotary_gpt_neox():
     # GPT-NeoX rotates only the first rotary_pct of each head: the match is on that slice
-    import transformers
-
-    torch.manual_seed(0)
-    model = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
-        vocab_size=131, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=112,
-        rotary_pct=0.5, max_position_embeddings=128)).eval()
+    model = build_family("gpt_neox", rotary_pct=0.5)
     ir = capture(model)
     PassManager("remove-noops,dce,fuse-attention,fuse-rotary,constant-fold,dce").run(ir)
     assert count(ir, FUSED) == 4
     assert all(n.args[0].meta["spec"].shape[-1] == 8 for n in ir.graph.nodes if n.target is FUSED)
-    ids = random_ids(1, 9)
-    with torch.no_grad():
-        want = model(ids).logits
-    torch.testing.assert_close(run_chunks(ir, ids, [5, 4]), want, rtol=1e-4, atol=1e-4)
+    assert_matches_hf(ir, model, random_ids(1, 9), [5, 4])
 
 
 def test_rotation_read_elsewhere_is_left_alone():
