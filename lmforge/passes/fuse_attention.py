@@ -100,7 +100,7 @@ def _constant(ir: GraphIR, arg) -> float | None:
 # --- step 1: the core ---------------------------------------------------------------------------------
 
 
-def _sdpa_core(ir: GraphIR, node: fx.Node) -> Core:
+def _sdpa_core(node: fx.Node) -> Core:
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
     args = dict(zip(names, node.args))
     args.update(node.kwargs)
@@ -245,7 +245,7 @@ def _unrepeat(node: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int]:
     return unsq.args[0], group
 
 
-def _cache_write(ir: GraphIR, node: fx.Node, which: str) -> fx.Node:
+def _cache_write(node: fx.Node, which: str) -> fx.Node:
     write = _strip(node)
     if not (write.op == "call_function" and write.target is aten.index_copy_.default):
         raise NoMatch(f"the {which} do not come from the KV cache")
@@ -393,11 +393,11 @@ class Match:
     nodes: set[fx.Node]
 
 
-def _match(ir: GraphIR, core: Core, probe: MaskProbe) -> Match:
+def _match(core: Core, probe: MaskProbe) -> Match:
     nodes = set(core.nodes)
     k_src, k_group = _unrepeat(core.k, nodes)
     v_src, v_group = _unrepeat(core.v, nodes)
-    k_write, v_write = _cache_write(ir, k_src, "keys"), _cache_write(ir, v_src, "values")
+    k_write, v_write = _cache_write(k_src, "keys"), _cache_write(v_src, "values")
     nodes |= {k_write, v_write}
     q_spec, k_spec = core.q.meta["spec"], k_write.meta["spec"]
     if not (isinstance(q_spec, TensorSpec) and len(q_spec.shape) == 4 and isinstance(q_spec.shape[1], int)):
@@ -440,7 +440,7 @@ def find_cores(ir: GraphIR) -> list[tuple[fx.Node, Core | NoMatch]]:
             continue
         try:
             if node.target is aten.scaled_dot_product_attention.default:
-                found.append((node, _sdpa_core(ir, node)))
+                found.append((node, _sdpa_core(node)))
             elif node.target in SOFTMAX:
                 found.append((node, _eager_core(ir, node)))
         except NoMatch as e:
@@ -458,7 +458,7 @@ def fuse_attention(ir: GraphIR, options) -> PassResult:
         try:
             if isinstance(core, NoMatch):
                 raise core
-            matches.append(_match(ir, core, probe))
+            matches.append(_match(core, probe))
         except NoMatch as e:
             key = f"unfused: {e}"
             stats[key] = stats.get(key, 0) + 1

@@ -65,7 +65,7 @@ def _other(node: fx.Node, this) -> object:
     return b if a is this else a
 
 
-def _match(ir: GraphIR, rsqrt: fx.Node):
+def _match(rsqrt: fx.Node):
     nodes = {rsqrt}
     add = rsqrt.args[0]
     if add.target is not aten.add.Tensor or not any(isinstance(a, float) for a in add.args):
@@ -120,7 +120,7 @@ def fuse_rmsnorm(ir: GraphIR, options) -> PassResult:
         if node.op != "call_function" or node.target is not aten.rsqrt.default:
             continue
         try:
-            x, weight, eps, out_dtype, cast_first, out, nodes = _match(ir, node)
+            x, weight, eps, out_dtype, cast_first, out, nodes = _match(node)
         except NoMatch as e:
             stats[f"unfused: {e}"] = stats.get(f"unfused: {e}", 0) + 1
             continue
