@@ -14,12 +14,10 @@ Query i sits at slot L - S + i and sees slot j when attention_mask[b, j] != 0 an
 slot and, with `window` W > 0, its slot - j < W; a query that sees nothing gets zeros. Hq must be a
 multiple of Hkv; query head h reads kv head h // (Hq // Hkv).
 
-Two implementations, chosen per call by `LMFORGE_KERNELS`:
+Two implementations, chosen per call by `LMFORGE_KERNELS` (`codegen/dispatch.py`):
 - `torch` (the CPU default): the PyTorch reference below, through `scaled_dot_product_attention`, with
   grouped queries folded into the sequence dimension so K/V are never repeated;
-- `triton` (the CUDA default): `codegen/kernels/attention.py`. On the CPU it runs only under Triton's
-  interpreter (`TRITON_INTERPRET=1`), which is how the tests exercise it.
-`auto` (the default) means triton on CUDA tensors, torch elsewhere.
+- `triton` (the CUDA default): `codegen/kernels/attention.py`.
 
 Registered with `torch.library`, so torch.export, FX serialization (`lmforge.attention.default`) and
 torch.compile all know its schema, its in-place cache writes and its output shape.
@@ -27,36 +25,16 @@ torch.compile all know its schema, its in-place cache writes and its output shap
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
+from lmforge.codegen.dispatch import use_triton
+
 SCHEMA = ("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor attention_mask, "
           "float scale, bool causal=True, int window=0) -> Tensor")
-KERNEL_MODES = ("auto", "torch", "triton")
 
 _lib = torch.library.Library("lmforge", "DEF")  # the namespace; other ops add FRAGMENTs
 _lib.define(SCHEMA)
-
-
-def kernel_mode() -> str:
-    mode = os.environ.get("LMFORGE_KERNELS", "auto").strip().lower() or "auto"
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"LMFORGE_KERNELS={mode!r}: expected one of {', '.join(KERNEL_MODES)}")
-    return mode
-
-
-def check_kernel_env(device: torch.device) -> None:
-    """Fail early, in one line, on a kernel setting that cannot run on `device`."""
-    from lmforge.errors import LmforgeError
-
-    try:
-        mode = kernel_mode()
-    except ValueError as e:
-        raise LmforgeError(str(e)) from None
-    if mode == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise LmforgeError("LMFORGE_KERNELS=triton on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1")
 
 
 def visible_mask(attention_mask: torch.Tensor, queries: int, causal: bool = True, window: int = 0) -> torch.Tensor:
@@ -110,22 +88,9 @@ def _append(k, v, k_cache, v_cache) -> None:
     v_cache[:, :, L - S:] = v
 
 
-def _use_triton(q: torch.Tensor) -> bool:
-    if q.device.type == "cpu" and "LMFORGE_KERNELS" not in os.environ:  # the common case, decided cheaply
-        return False
-    mode = kernel_mode()
-    if mode == "torch":
-        return False
-    if mode == "triton":
-        if q.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("LMFORGE_KERNELS=triton on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1")
-        return True
-    return q.device.type == "cuda"
-
-
 def attention_impl(q, k, v, k_cache, v_cache, attention_mask, scale: float, causal: bool = True, window: int = 0):
     _append(k, v, k_cache, v_cache)
-    if _use_triton(q):
+    if use_triton(q):
         from lmforge.codegen.kernels import attention as kernels
 
         return kernels.attention(q, k_cache, v_cache, attention_mask, scale, causal, window)

@@ -71,7 +71,7 @@ class Engine:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> "Engine":
         device = _check_device(device)
-        from lmforge.codegen.attention import check_kernel_env
+        from lmforge.codegen.dispatch import check_kernel_env
 
         check_kernel_env(device)
         art = read_manifest(Path(path))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.codegen.attention import attention, kernel_mode, reference
+from lmforge.codegen.attention import attention, reference
+from lmforge.codegen.dispatch import kernel_mode
 from tests.codegen.test_attention_kernels import TOL, reference64
 
 
