@@ -53,7 +53,8 @@ else:  # pragma: no cover - GPU only
 
 def _prune_prefill(configs, named_args, **kwargs):
     """Head dim 256 needs small tiles to fit shared memory."""
-    if named_args["BLOCK_D"] >= 256:
+    args = {**named_args, **kwargs}  # the autotuner passes keyword arguments (BLOCK_D among them) apart
+    if args["BLOCK_D"] >= 256:
         small = [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64]
         return small or configs[:1]
     return configs
