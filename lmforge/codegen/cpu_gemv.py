@@ -3,6 +3,10 @@
     kernel()(x, w, b=None) -> y          x (..., K) bfloat16 with at most MAX_ROWS rows, w (N, K), b (N,): y (..., N)
     kernel().rms_norm(x, w, eps) -> y    x (..., K) bfloat16, w (K,) bfloat16: RMSNorm in float32, rounded once
     kernel().rotary(x, cos, sin) -> y    x (B, H, S, D), cos/sin (B, 1|H, S, D) bfloat16: rotate-half rotary
+    kernel().int4(x, qweight, scales, zeros, group_size, bias=None) -> y
+                                         x (..., K) bfloat16 or float32, any number of rows; int4 weights
+                                         qweight (N, K // 2) uint8 (column 2j in the low nibble of byte j),
+                                         scales and zeros (N, K // group_size) float32 (zeros None: all 8)
 
 Why: a decode step multiplies one row of activations by every weight, so it is bound by how fast the
 weights stream from memory. PyTorch's bfloat16 one-row matmul (oneDNN) reads about 11-17 GB/s on a
@@ -31,6 +35,8 @@ import torch
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
+INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes gemm_int4 takes
+_INT4_X_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def cache_dir() -> Path:
@@ -91,6 +97,11 @@ class Kernel:
         rot.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + \
             [ctypes.c_void_p] + [ctypes.c_int64] * 4
         self._rotary = rot
+        q4 = self.lib.gemm_int4
+        q4.restype = ctypes.c_int
+        q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
+            [ctypes.c_int64] * 5 + [ctypes.c_int]
+        self._int4 = q4
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin with bfloat16 rounding after each op; x (B, H, S, D), cos and sin
@@ -124,6 +135,55 @@ class Kernel:
                     M, N, K, torch.get_num_threads()):
             raise ValueError(f"gemv: {M} rows of x, the kernel takes 1..{MAX_ROWS}")
         return y
+
+    def int4(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+             group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear(x, w, bias)` with w (N, K) stored as int4 codes, for any number of rows of x:
+
+            w[n, k] = (q[n, k] - zeros[n, k // group_size]) * scales[n, k // group_size]
+            q[n, 2j] = qweight[n, j] & 15,  q[n, 2j + 1] = qweight[n, j] >> 4
+
+        x (..., K) bfloat16 or float32; qweight (N, K // 2) uint8; scales, zeros (N, K // group_size)
+        float32, zeros None meaning 8; bias (N,) in x's dtype. Accumulates in float32 and returns y
+        (..., N) in x's dtype. The caller checks `supports_int4(...)` first (this is the hot path)."""
+        N, K = qweight.shape[0], qweight.shape[1] * 2
+        if x.is_contiguous():  # the common case, without the cost of a reshape
+            x2, M, ldx = x, x.numel() // K, K
+        else:
+            x2 = x.reshape(-1, K)  # (M, K), rows with a stride
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            M, ldx = x2.shape[0], x2.stride(0)
+        y = x.new_empty((*x.shape[:-1], N))
+        err = self._int4(x2.data_ptr(), ldx, x.dtype == torch.float32, qweight.data_ptr(), scales.data_ptr(),
+                         None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
+                         y.data_ptr(), N, M, N, K, group_size, torch.get_num_threads())
+        if err == -1:
+            raise ValueError(f"gemm_int4: group_size must be one of {INT4_GROUP_SIZES} and divide K, got "
+                             f"{group_size=} {K=}")
+        if err:
+            raise MemoryError(f"gemm_int4: no memory for its copy of x ({M} x {K})")
+        return y
+
+
+def supports_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  group_size: int, bias: torch.Tensor | None = None) -> bool:
+    """Can `Kernel.int4` compute this call? CPU tensors; x bfloat16 or float32 with K = 2 * qweight.shape[1]
+    columns; qweight (N, K // 2) uint8 contiguous; group_size in INT4_GROUP_SIZES dividing K; scales (and
+    zeros unless None) (N, K // group_size) float32 contiguous; bias None or (N,) in x's dtype, contiguous."""
+    if not (x.dtype in _INT4_X_DTYPES and qweight.dtype == torch.uint8 and qweight.dim() == 2 and x.dim() >= 1
+            and group_size in INT4_GROUP_SIZES and qweight.is_contiguous() and scales is not None):
+        return False
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if x.shape[-1] != K or K == 0 or K % group_size != 0 or x.device.type != "cpu" or qweight.device.type != "cpu":
+        return False
+    groups = (N, K // group_size)
+    for t in (scales, zeros):
+        if t is not None and not (t.dtype == torch.float32 and t.shape == groups and t.is_contiguous()
+                                  and t.device.type == "cpu"):
+            return False
+    return bias is None or (bias.dtype == x.dtype and bias.shape == (N,) and bias.is_contiguous()
+                            and bias.device.type == "cpu")
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:

@@ -83,3 +83,93 @@ def test_rms_norm_op_equals_its_reference():
         want = reference(x, w, 1e-6, out_dtype, cast_first)
         assert got.dtype == out_dtype
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -8, atol=1e-6)
+
+
+def int4_reference(x, qweight, scales, zeros, group_size, bias):
+    """float64 `x @ w.T + bias` with w unpacked from the nibbles: column 2j low, 2j + 1 high."""
+    N = qweight.shape[0]
+    q = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(N, -1).double()  # (N, K)
+    z = torch.full_like(scales, 8.0) if zeros is None else zeros
+    s_k = scales.double().repeat_interleave(group_size, dim=1)  # (N, K)
+    z_k = z.double().repeat_interleave(group_size, dim=1)  # (N, K)
+    want = x.double() @ ((q - z_k) * s_k).T + (0 if bias is None else bias.double())
+    # every intermediate the kernel sums (q * x and zero * x, per group) is bounded by this
+    bound = x.double().abs() @ ((q + z_k) * s_k).T
+    return want, bound
+
+
+def int4_inputs(M, N, K, group_size, dtype, zeros, bias, lead=(), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*lead, M, K + 5, generator=gen) + 0.1).to(dtype)[..., :K]  # rows with a stride
+    qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(N, K // group_size, generator=gen) * 0.05 + 0.01
+    zeros = torch.rand(N, K // group_size, generator=gen) * 15 if zeros else None
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    return x, qweight, scales, zeros, b
+
+
+def assert_int4_close(y, x, qweight, scales, zeros, group_size, b):
+    want, bound = int4_reference(x, qweight, scales, zeros, group_size, b)
+    assert y.dtype == x.dtype and y.shape == want.shape
+    # float32 accumulation (well inside 1e-5 of the summed magnitudes), then for bfloat16 one rounding to
+    # nearest (relative 2^-9, checked as 2^-8); float32 output has no rounding beyond the accumulation
+    rel = 2 ** -8 if x.dtype == torch.bfloat16 else 1e-6
+    tol = rel * want.abs() + 1e-5 * bound
+    assert ((y.double() - want).abs() <= tol).all(), ((y.double() - want).abs() / bound).max()
+
+
+@pytest.mark.parametrize("M", [1, 3, 8, 9, 33])
+# K % 128 (the dot path's tail) is 64, 0, 32 and 96 among these
+@pytest.mark.parametrize("N,K,group_size", [(37, 576, 64), (5, 64, 32), (37, 96, 32), (5, 576, 32),
+                                            (37, 256, 128), (8, 576, 64), (5, 160, 32), (37, 224, 32)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int4_matches_float64(kernel, M, N, K, group_size, dtype):
+    for zeros, bias in ((True, False), (False, True)):
+        args = int4_inputs(M, N, K, group_size, dtype, zeros, bias, seed=M * 1000 + N + K)
+        x, qweight, scales, zp, b = args
+        assert cpu_gemv.supports_int4(x, qweight, scales, zp, group_size, b)
+        assert_int4_close(kernel.int4(x, qweight, scales, zp, group_size, b), x, qweight, scales, zp, group_size, b)
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+def test_int4_group_sizes_leading_dims_and_prefill(kernel, group_size):
+    # (2, 3) leading dims; then a prefill-sized M whose last chunk of rows is partial
+    for lead, M, N in (((2, 3), 1, 37), ((2,), 4, 5), ((), 70, 19)):
+        x, qweight, scales, zp, b = int4_inputs(M, N, 512, group_size, torch.bfloat16, True, True, lead, seed=M)
+        for x in (x, x.contiguous()):  # rows with a stride, then without
+            y = kernel.int4(x, qweight, scales, zp, group_size, b)
+            assert y.shape == (*lead, M, N)
+            assert_int4_close(y, x, qweight, scales, zp, group_size, b)
+    x1 = x[0]  # one row, no leading dim: (K,) -> (N,)
+    y = kernel.int4(x1, qweight, scales, zp, group_size, b)
+    assert y.shape == (N,)
+    assert_int4_close(y, x1, qweight, scales, zp, group_size, b)
+
+
+def test_int4_empty_x(kernel):
+    x, qweight, scales, zp, _ = int4_inputs(0, 5, 64, 32, torch.float32, True, False)
+    assert kernel.int4(x, qweight, scales, zp, 32).shape == (0, 5)
+
+
+def test_int4_refusals(kernel):
+    x, qweight, scales, zp, b = int4_inputs(2, 6, 128, 64, torch.bfloat16, True, True)
+    assert cpu_gemv.supports_int4(x, qweight, scales, zp, 64, b)
+    assert cpu_gemv.supports_int4(x.float(), qweight, scales, None, 64, b.float())
+    assert not cpu_gemv.supports_int4(x.half(), qweight, scales, zp, 64)  # x neither bfloat16 nor float32
+    assert not cpu_gemv.supports_int4(x, qweight.to(torch.int8), scales, zp, 64)  # codes must be uint8
+    assert not cpu_gemv.supports_int4(x, qweight, scales.bfloat16(), zp, 64)  # scales float32, converted at load
+    assert not cpu_gemv.supports_int4(x, qweight, None, zp, 64)  # scales are required (zeros are optional)
+    assert not cpu_gemv.supports_int4(x, qweight, scales, zp.double(), 64)
+    assert not cpu_gemv.supports_int4(x, qweight, scales, zp, 64, b.float())  # bias in x's dtype
+    assert not cpu_gemv.supports_int4(x, qweight, scales, zp, 64, b[:5])
+    wide = torch.randint(0, 256, (6, 128), dtype=torch.uint8)
+    assert not cpu_gemv.supports_int4(x, wide[:, :64], scales, zp, 64)  # qweight not contiguous
+    assert not cpu_gemv.supports_int4(x, qweight.t().contiguous().t(), scales, zp, 64)
+    assert not cpu_gemv.supports_int4(x[:, :96], qweight, scales, zp, 64)  # K != 2 * qweight.shape[1]
+    assert not cpu_gemv.supports_int4(x, qweight, scales, zp, 48)  # not a supported group size
+    assert not cpu_gemv.supports_int4(x, qweight, scales, zp, 256)  # does not divide K (and scales' shape)
+    assert not cpu_gemv.supports_int4(x, qweight, scales[:, :1], zp, 64)  # scales (N, K // group_size)
+    assert not cpu_gemv.supports_int4(x, qweight, scales.t().contiguous().t(), zp, 64)
+    assert not cpu_gemv.supports_int4(x, qweight, scales, zp[:5], 64)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        kernel.int4(x, qweight, scales, zp, 48)
