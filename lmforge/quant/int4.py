@@ -1,0 +1,145 @@
+"""int4 weight-only quantization: group-wise, asymmetric by default, packed two values per byte.
+
+A linear weight W (N, K) becomes three tensors (`Int4Weight`):
+
+    qdata   (N, K // 2)   uint8      byte j of row n holds q[n, 2j] in its low nibble, q[n, 2j+1] in its high
+    scales  (N, K // G)   float      one per group of G consecutive input columns, in the compute dtype
+    zeros   (N, K // G)   float      zero points in the same dtype; None when symmetric (every zero point is 8)
+
+    W[n, k] ~= (q[n, k] - zeros[n, k // G]) * scales[n, k // G],    q unsigned in 0..15
+
+This is ONNX `MatMulNBits` (bits=4, block_size=G) with its per-row blocks laid end to end, and the same
+numbers as the compressed-tensors `pack-quantized` scheme (there packed eight to an int32): an exporter
+reshapes and re-types, it never re-quantizes. Zero points are floats (fractional ones are what min/max
+rounding and HQQ give); a format that holds only integer zero points needs them rounded.
+
+Methods (`Int4Config.method`), all from torchao's quantization primitives:
+- `rtn`: round to nearest. Asymmetric: scale = (max - min) / 15 over the group and zero point -min / scale,
+  left fractional (torchao's `_choose_qparams_affine_tinygemm`, the parameters of its own int4 weight-only
+  scheme, and `_quantize_affine_tinygemm`); symmetric: scale = max|w| / 7.5, q = round(w / scale) + 8
+  in 0..15 (`choose_qparams_affine` with `MappingType.SYMMETRIC`). Rounding the zero point to an integer
+  instead costs 0.3% perplexity on the demo model at group size 128.
+- `hqq`: Half-Quadratic Quantization's calibration-free search (torchao's
+  `_choose_qparams_and_quantize_affine_hqq`): starts from min/max, then alternates rounding and a
+  closed-form update of the float zero points that minimises an l_p (p < 1) reconstruction error.
+  Asymmetric only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.errors import LmforgeError
+
+GROUP_SIZES = (32, 64, 128, 256)
+METHODS = ("rtn", "hqq")
+
+
+@dataclass(frozen=True)
+class Int4Config:
+    """Scheme `int4`, version 1."""
+
+    group_size: int = 128
+    symmetric: bool = False
+    method: str = "rtn"
+    version: int = 1
+
+    def __post_init__(self):
+        if self.group_size not in GROUP_SIZES:
+            raise LmforgeError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
+                               f"got {self.group_size}")
+        if self.method not in METHODS:
+            raise LmforgeError(f"int4 method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.symmetric and self.method == "hqq":
+            raise LmforgeError("int4 method 'hqq' optimises zero points, so it is asymmetric only")
+
+    def unsuitable(self, shape: tuple[int, ...]) -> str | None:
+        """Why a weight of `shape` cannot take this scheme, or None."""
+        if len(shape) != 2:
+            return f"a {len(shape)}-D weight"
+        if shape[1] % self.group_size:
+            fits = [g for g in GROUP_SIZES if shape[1] % g == 0]
+            hint = f" (group size {fits[-1]} would fit)" if fits else ""
+            return f"in_features {shape[1]} is not a multiple of the group size {self.group_size}{hint}"
+        return None
+
+
+@dataclass
+class Int4Weight:
+    qdata: torch.Tensor  # (N, K // 2) uint8
+    scales: torch.Tensor  # (N, K // G) float
+    zeros: torch.Tensor | None  # (N, K // G) float, or None: symmetric, zero point 8
+    group_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qdata.shape[0], self.qdata.shape[1] * 2
+
+
+def pack(q: torch.Tensor) -> torch.Tensor:
+    """(N, K) integers in 0..15 -> (N, K // 2) uint8, even columns in the low nibbles."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+def unpack(qdata: torch.Tensor) -> torch.Tensor:
+    """(N, K // 2) uint8 -> (N, K) uint8 in 0..15; the inverse of `pack`."""
+    return torch.stack((qdata & 0xF, qdata >> 4), dim=-1).reshape(qdata.shape[0], -1)
+
+
+def dequantize(p: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, K) weight the packed tensors stand for, computed in float32 and returned in `dtype`."""
+    q = unpack(p.qdata).float()
+    N, K = q.shape
+    scales = p.scales.float().repeat_interleave(p.group_size, dim=1)
+    zeros = 8.0 if p.zeros is None else p.zeros.float().repeat_interleave(p.group_size, dim=1)
+    return ((q - zeros) * scales).to(dtype)
+
+
+def quantize(w: torch.Tensor, cfg: Int4Config, dtype: torch.dtype | None = None) -> Int4Weight:
+    """Quantize a 2-D weight by `cfg`; scales and zeros in `dtype` (default: the weight's dtype)."""
+    problem = cfg.unsuitable(tuple(w.shape))
+    if problem:
+        raise LmforgeError(f"cannot quantize a weight of shape {tuple(w.shape)} to int4: {problem}")
+    dtype = dtype or w.dtype
+    ao = _primitives()
+    w32 = w.detach().float()
+    N, K = w32.shape
+    G = cfg.group_size
+    block = (1, G)
+    if cfg.method == "hqq":
+        q, scales, zeros, _ = ao._choose_qparams_and_quantize_affine_hqq(
+            w32, nbits=4, group_size=G, axis=1, compute_dtype=torch.float32, device=str(w32.device),
+            raw_output=True)
+        return Int4Weight(pack(q.reshape(N, K)), scales.reshape(N, K // G).to(dtype),
+                          zeros.reshape(N, K // G).to(dtype), G)
+    if cfg.symmetric:
+        scales, zeros = ao.choose_qparams_affine(w32, ao.MappingType.SYMMETRIC, block, torch.int8, quant_min=-8,
+                                                 quant_max=7, eps=1e-12, scale_dtype=torch.float32)
+        scales = _stored(scales.reshape(N, K // G), dtype)
+        q = ao.quantize_affine(w32, block, scales.float(), zeros.reshape(N, K // G), torch.int8, -8, 7)
+        return Int4Weight(pack(q.to(torch.int16) + 8), scales, None, G)
+    # min/max over the group, zero point -min / scale kept fractional: torchao's tinygemm parameters, whose
+    # float-domain zero zf = min + 8 * scale is our zero point (8 - zf / scale) in the other domain
+    scales, zf = ao._choose_qparams_affine_tinygemm(w32, ao.MappingType.ASYMMETRIC, block, torch.int32, 0, 15,
+                                                    1e-12, torch.float32, torch.float32)
+    scales = scales.reshape(N, K // G)
+    stored = _stored(scales, dtype)
+    zeros = ((8 * scales - zf.reshape(N, K // G)) / stored.float()).to(dtype)
+    # q = round(w / scale + zero) against the stored (rounded) scale and zero point, so the two agree
+    q = ao._quantize_affine_tinygemm(w32, block, stored.float(), (8 - zeros.float()) * stored.float(), torch.int32,
+                                     0, 15)
+    return Int4Weight(pack(q), stored, zeros, G)
+
+
+def _stored(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The scales as the artifact will hold them; q is computed from these rounded values, so the two agree."""
+    return scales.to(dtype).clamp(min=torch.finfo(dtype).tiny)
+
+
+def _primitives():
+    from lmforge.quant import torchao_primitives
+
+    return torchao_primitives()
