@@ -22,3 +22,14 @@ def test_attention_bench_smoke():
     assert len(rows) == 4
     for row in rows:
         assert float(row.rstrip(" |").split("|")[-1]) < 5e-2, row  # bf16 against SDPA
+
+
+@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") == "1", reason="the smoke run is for CPU machines")
+def test_quant_gemm_bench_smoke():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "quant_gemm.py"), "--smoke"], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| int4", "| fp8"))]
+    assert len(rows) == 4
+    for row in rows:
+        assert float(row.rstrip(" |").split("|")[-1]) < 5e-2, row  # bf16 outputs against the float32 reference

@@ -1,0 +1,111 @@
+"""The quantized linear ops that the `quantize` pass puts in place of linear layers.
+
+    int4_linear(x, qweight, scales, zeros, group_size, bias=None) -> y
+        x (..., K) float;  qweight (N, K // 2) uint8;  scales, zeros (N, K // G) float (zeros may be None:
+        every zero point 8);  bias (N,) or None;  y (..., N) in x's dtype.
+        W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], q packed as in `quant/int4.py`.
+    fp8_linear(x, weight, weight_scale, bias=None) -> y
+        weight (N, K) float8_e4m3fn;  weight_scale (N,) float32;  x quantized per row at run time
+        (`quant/fp8.py`); y (..., N) in x's dtype.
+
+Implementations, by device and `LMFORGE_KERNELS` (`codegen/dispatch.py`):
+- reference (PyTorch, any device): dequantize the weight and multiply in float32 (fp8: on the quantized
+  activations, so the numbers are exactly the kernels' up to summation order);
+- CPU: int4 through lmforge's C kernel (`cpu_gemv.Kernel.int4`) once the runtime has given the layer
+  float32 scales and zeros (`runtime/layout.py` does that at load); fp8 through the reference;
+- CUDA: int4 through the Triton kernels (`codegen/kernels/quant.py`); fp8 through `torch._scaled_mm` with
+  row-wise scales where the GPU has fp8 tensor cores (compute capability 8.9+), else the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.codegen import cpu_gemv
+from lmforge.codegen.dispatch import use_triton
+from lmforge.quant import fp8 as fp8_math
+from lmforge.quant import int4 as int4_math
+
+_lib = torch.library.Library("lmforge", "FRAGMENT")
+_lib.define("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size, "
+            "Tensor? bias=None) -> Tensor")
+_lib.define("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None) -> Tensor")
+
+
+# --- references ------------------------------------------------------------------------------------
+
+
+def int4_reference(x, qweight, scales, zeros, group_size: int, bias=None):
+    w = int4_math.dequantize(int4_math.Int4Weight(qweight, scales, zeros, group_size))
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
+    return y.to(x.dtype)
+
+
+def fp8_reference(x, weight, weight_scale, bias=None):
+    xq, x_scale = fp8_math.quantize_rows(x)
+    y = F.linear(xq.float(), weight.float()) * x_scale * weight_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+# --- implementations ---------------------------------------------------------------------------------
+
+
+def int4_linear_impl(x, qweight, scales, zeros, group_size: int, bias=None):
+    if use_triton(x):
+        from lmforge.codegen.kernels import quant as kernels
+
+        y = kernels.int4_matmul(x.reshape(-1, x.shape[-1]), qweight, scales, zeros, group_size, bias)
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
+    if x.device.type == "cpu":
+        kernel = cpu_gemv.kernel()
+        if kernel is not None and cpu_gemv.supports_int4(x, qweight, scales, zeros, group_size, bias):
+            return kernel.int4(x, qweight, scales, zeros, group_size, bias)
+    return int4_reference(x, qweight, scales, zeros, group_size, bias)
+
+
+def fp8_linear_impl(x, weight, weight_scale, bias=None):
+    if x.device.type == "cuda" and _scaled_mm_ok(x, weight):
+        return _fp8_scaled_mm(x, weight, weight_scale, bias)
+    if use_triton(x):
+        from lmforge.codegen.kernels import quant as kernels
+
+        y = kernels.fp8_matmul(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return fp8_reference(x, weight, weight_scale, bias)
+
+
+def _scaled_mm_ok(x, weight) -> bool:  # pragma: no cover - GPU only
+    if x.dtype not in (torch.bfloat16, torch.float16) or torch.cuda.get_device_capability(x.device) < (8, 9):
+        return False
+    N, K = weight.shape
+    return K % 16 == 0 and N % 16 == 0
+
+
+def _fp8_scaled_mm(x, weight, weight_scale, bias):  # pragma: no cover - GPU only
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, x_scale = fp8_math.quantize_rows(x2)
+    y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale.float()[None, :],
+                         bias=None if bias is None else bias.to(x.dtype), out_dtype=x.dtype)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+for _device in ("CPU", "CUDA"):
+    _lib.impl("int4_linear", int4_linear_impl, _device)
+    _lib.impl("fp8_linear", fp8_linear_impl, _device)
+
+
+@torch.library.register_fake("lmforge::int4_linear")
+def _int4_fake(x, qweight, scales, zeros, group_size, bias=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@torch.library.register_fake("lmforge::fp8_linear")
+def _fp8_fake(x, weight, weight_scale, bias=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+int4_linear = torch.ops.lmforge.int4_linear.default
+fp8_linear = torch.ops.lmforge.fp8_linear.default
