@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-import lmforge.codegen  # noqa: F401  (registers lmforge::attention)
+import lmforge.codegen  # noqa: F401  (registers the lmforge:: ops)
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.spec import TensorSpec
 
 aten = torch.ops.aten
 fused_attention = torch.ops.lmforge.attention.default
+int4_linear, fp8_linear = torch.ops.lmforge.int4_linear.default, torch.ops.lmforge.fp8_linear.default
 _WEIGHT_MATMULS = {aten.linear.default: 1, aten.mm.default: 1, aten.addmm.default: 2, aten.matmul.default: 1,
                    torch.ops.lmforge.linear.default: 1}
 
@@ -47,6 +48,10 @@ def cost(ir: GraphIR) -> Cost:
             continue
         if node.target in _WEIGHT_MATMULS:
             matmul += 2 * _weight_numel(ir, node.args[_WEIGHT_MATMULS[node.target]])
+        elif node.target is int4_linear:  # qweight (N, K // 2) holds N * K weights
+            matmul += 4 * _weight_numel(ir, node.args[1])
+        elif node.target is fp8_linear:
+            matmul += 2 * _weight_numel(ir, node.args[1])
         elif node.target in (aten.scaled_dot_product_attention.default, fused_attention):
             q: TensorSpec = node.args[0].meta["spec"]
             heads, head_dim = q.shape[1], q.shape[3]

@@ -60,6 +60,8 @@ class GraphIR:
     history: list[dict[str, Any]] = field(default_factory=list)  # what each pass did, in order
     # "lm": a whole model under the calling convention above; "subgraph": any ATen graph (torch.compile's)
     kind: str = "lm"
+    # what the quantize pass did: {"scheme", "layers": {layer: scheme config}, "kept": {layer: reason}}
+    quantization: dict[str, Any] = field(default_factory=dict)
 
     @property
     def graph(self) -> fx.Graph:

@@ -5,6 +5,7 @@ Format `lmforge.graph`, version 1 (`graph.json`):
     {"format": "lmforge.graph", "version": 1,
      "kv": {"dtype": "float32", "layers": [{"n_kv_heads": 2, "k_head_dim": 16, "v_head_dim": 16}, ...]},
      "weights": {"<attr>": {"name": "<source name, the safetensors key>", "kind": "parameter" | "buffer"}},
+     "quantization": {"scheme": "int4", "layers": {"<layer>": {"scheme": ..., ...}}, "kept": {...}},  (if any)
      "nodes": [{"name": ..., "op": "placeholder" | "get_attr" | "call_function" | "output",
                 "target": ..., "args": [...], "kwargs": {...}, "spec": ...}, ...]}
 
@@ -127,6 +128,7 @@ def graph_to_json(ir: GraphIR) -> dict[str, Any]:
             attr: {"name": ir.weight_names.get(attr, attr), "kind": ir.weight_kind(attr)} for attr in ir.weights()
         },
         "nodes": nodes,
+        **({"quantization": ir.quantization} if ir.quantization else {}),
     }
 
 
@@ -254,4 +256,8 @@ def graph_from_json(doc: dict[str, Any], weights: dict[str, torch.Tensor], confi
     except (KeyError, TypeError, ValueError) as e:
         raise dec.fail(f"malformed graph ({type(e).__name__}: {e})") from None
     gm = fx.GraphModule(root, graph)
-    return GraphIR(gm=gm, config=config, kv=kv, weight_names=weight_names, weight_kinds=weight_kinds)
+    quantization = doc.get("quantization") or {}
+    if not isinstance(quantization, dict):
+        raise dec.fail(f"malformed quantization entry {quantization!r}")
+    return GraphIR(gm=gm, config=config, kv=kv, weight_names=weight_names, weight_kinds=weight_kinds,
+                   quantization=quantization)

@@ -13,6 +13,7 @@ import torch
 from torch import fx
 
 from lmforge.codegen.attention import attention
+from lmforge.codegen.quant_linear import fp8_linear, int4_linear
 from lmforge.errors import PassError
 from lmforge.ir.graph import INPUT_NAMES, GraphIR, op_name
 from lmforge.ir.spec import TensorSpec
@@ -69,6 +70,30 @@ def _embedding(node: fx.Node) -> str | None:
     return None
 
 
+def _int4_linear(node: fx.Node) -> str | None:
+    x, q, scales, zeros = (_spec(a) for a in node.args[:4])
+    group = node.args[4]
+    if q is not None and (q.dtype != torch.uint8 or len(q.shape) != 2):
+        return f"qweight is {q.dtype} of rank {len(q.shape)}, expected 2-D uint8"
+    if q is not None and scales is not None and isinstance(q.shape[1], int):
+        if tuple(scales.shape) != (q.shape[0], q.shape[1] * 2 // group):
+            return f"scales {tuple(scales.shape)} do not fit qweight {tuple(q.shape)} with group size {group}"
+        if zeros is not None and (zeros.shape, zeros.dtype) != (scales.shape, scales.dtype):
+            return "zeros differ from scales in shape or dtype"
+        if x is not None and x.shape[-1] != q.shape[1] * 2:
+            return f"input has {x.shape[-1]} features, the weight {q.shape[1] * 2}"
+    return _same_float_dtype(0, 5)(node)
+
+
+def _fp8_linear(node: fx.Node) -> str | None:
+    w, scale = _spec(node.args[1]), _spec(node.args[2])
+    if w is not None and w.dtype != torch.float8_e4m3fn:
+        return f"weight is {w.dtype}, expected float8_e4m3fn"
+    if scale is not None and (scale.dtype != torch.float32 or w is not None and tuple(scale.shape) != (w.shape[0],)):
+        return f"weight_scale is {scale.dtype} {tuple(scale.shape)}, expected float32 (N,)"
+    return _same_float_dtype(0, 3)(node)
+
+
 # op -> (rule name, check); a check returns None when the node is fine, else what is wrong.
 OP_RULES: dict[object, tuple[str, Callable[[fx.Node], str | None]]] = {
     aten.mm.default: ("matmul-dtypes", _same_float_dtype(0, 1)),
@@ -79,6 +104,8 @@ OP_RULES: dict[object, tuple[str, Callable[[fx.Node], str | None]]] = {
     aten.index_copy_.default: ("cache-write", _cache_write),
     aten.embedding.default: ("embedding", _embedding),
     attention: ("fused-attention", _fused_attention),
+    int4_linear: ("int4-linear", _int4_linear),
+    fp8_linear: ("fp8-linear", _fp8_linear),
 }
 # ops allowed to mutate, all of them writing the KV cache inputs (their rules above say which arguments)
 CACHE_WRITERS = {aten.index_copy_.default, aten.copy_.default, attention}

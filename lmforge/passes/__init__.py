@@ -10,6 +10,7 @@ from lmforge.passes import (  # noqa: F401  (registration)
     fuse_attention,
     fuse_rmsnorm,
     fuse_rotary,
+    quantize,
     remove_noops,
 )
 from lmforge.passes.manager import (
@@ -27,10 +28,14 @@ __all__ = ["Instruments", "PassManager", "PassResult", "default_pipeline", "form
            "parse_pipeline", "register_pass", "registered_passes"]
 
 
-def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None) -> str:
-    """cleanup -> fuse (attention) -> lower (dtype) -> fuse (norms and rotary, with the casts lowering added) -> fold (and
-    tabulate per-position work up to max_seq_len) -> cleanup."""
+def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None, quant: str | None = None) -> str:
+    """cleanup -> fuse (attention) -> lower (quantize, dtype) -> fuse (norms and rotary, with the casts lowering
+    added) -> fold (and tabulate per-position work up to max_seq_len) -> cleanup. `quant` holds the quantize
+    pass's options, e.g. "scheme=int4,group_size=64"."""
     steps = ["remove-noops", "dce", "fuse-attention"]
+    if quant:  # int4 scales are made in the compute dtype the graph is about to get
+        dtype_option = f",dtype={dtype}" if dtype in ("bfloat16", "float16") else ""
+        steps.append(f"quantize{{{quant}{dtype_option}}}")
     if dtype in ("bfloat16", "float16"):
         steps.append(f"convert-dtype{{dtype={dtype}}}")
     steps += ["fuse-rmsnorm", "fuse-rotary"]

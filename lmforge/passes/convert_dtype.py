@@ -4,7 +4,8 @@ The rewrite: trained weights (not derived buffers such as rotary `inv_freq`) and
 become `dtype`; the KV cache becomes `dtype`; then the graph is walked in order on meta tensors and casts are
 inserted where the mix of dtypes needs a decision, by the rules in `CAST_RULES`:
 
-- a matmul against a weight runs in the weight's dtype (the activation is cast down);
+- a matmul against a weight runs in the weight's dtype (the activation is cast down); a quantized one
+  (`lmforge.int4_linear`, `lmforge.fp8_linear`) in the compute dtype, which its scales then have;
 - a matmul between two activations runs in the wider of their dtypes (so rotary angles stay float32);
 - attention runs in the cache dtype, and cache writes are cast to it;
 - a float32 table computed from weights and positions alone (rotary cos/sin) is cast to the activation's
@@ -25,6 +26,7 @@ import torch
 from torch import fx
 
 from lmforge.codegen.attention import attention
+from lmforge.codegen.quant_linear import fp8_linear, int4_linear
 from lmforge.errors import PassError
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.infer import meta_run, refresh_dtypes
@@ -32,7 +34,6 @@ from lmforge.ir.spec import SymSpec, TensorSpec, dtype_from_name
 from lmforge.passes.manager import PassResult, register_pass
 
 aten = torch.ops.aten
-ATTENTION = attention
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
@@ -116,6 +117,14 @@ class _Walker:
             self.cast(node, 0, wdt, "cast-matmul-input")
             if len(node.args) > 2 and node.args[2] is not None:
                 self.cast(node, 2, wdt, "cast-matmul-input")
+        elif target is int4_linear:  # (x, qweight, scales, zeros, G, bias): in the scales' dtype
+            for i in (0, 5):
+                if i < len(node.args) and node.args[i] is not None:
+                    self.cast(node, i, self.dtype_of(node.args[2]), "cast-matmul-input")
+        elif target is fp8_linear:  # (x, weight, weight_scale, bias): activations in the compute dtype
+            for i in (0, 3):
+                if i < len(node.args) and node.args[i] is not None:
+                    self.cast(node, i, self.dtype, "cast-matmul-input")
         elif target in MATMULS:
             operands = MATMULS[target]
             weights = [i for i in operands if self.weight_only(node.args[i])]
@@ -134,7 +143,7 @@ class _Walker:
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
             for i in range(min(4, len(node.args))):  # a bool mask is left alone
                 self.cast(node, i, self.dtype, "cast-attention-input")
-        elif target is ATTENTION:  # (q, k, v, k_cache, v_cache, ...): in the cache dtype
+        elif target is attention:  # (q, k, v, k_cache, v_cache, ...): in the cache dtype
             for i in range(3):
                 self.cast(node, i, self.dtype, "cast-attention-input")
         elif target is aten.index_copy_.default:  # cache write
