@@ -75,6 +75,12 @@ def optimize(
     dtype: str | torch.dtype | None = None,
     max_seq_len: int | None = None,
     *,
+    quant: str | None = None,
+    group_size: int = 128,
+    symmetric: bool = False,
+    quant_method: str = "rtn",
+    skip: str | list[str] | None = None,
+    overrides: dict[str, str] | str | None = None,
     pipeline: str | None = None,
     tokenizer=None,
     instruments=None,
@@ -87,13 +93,20 @@ def optimize(
     KV cache length (default: the model's position limit, capped at 4096). pipeline: a pass pipeline string
     (default: `lmforge.passes.default_pipeline(dtype, max_seq_len)`; a custom pipeline decides the dtype unless
     `dtype` is given too).
+
+    quant: "int4" (weight-only, group-wise) or "fp8" (e4m3 weights, dynamic per-token activations); with int4,
+    group_size (32, 64, 128, 256), symmetric (no zero points) and quant_method ("rtn" or "hqq"). skip: layer
+    globs kept in float (default "lm_head"; pass [] to quantize it too). overrides: {glob: "g32+sym" | "fp8" |
+    "skip" | ...} per-layer settings, the last match winning (see `lmforge.quant`).
     """
     import tempfile
 
     from lmforge.ir.capture import capture, load_hf_model
     from lmforge.passes import PassManager, default_pipeline
+    from lmforge.quant import import_torchao_quietly
     from lmforge.runtime.artifact import write_artifact
 
+    import_torchao_quietly()  # before transformers imports it, noisily
     step = progress or (lambda _: None)
     target = _dtype_arg(dtype)
     source: str | None
@@ -124,7 +137,10 @@ def optimize(
     ir = capture(model, source=label or source or type(model).__name__)
     dtype_name = str(target).removeprefix("torch.")
     custom = pipeline is not None
-    pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len)
+    quantize = _quantize_options(quant, group_size, symmetric, quant_method, skip, overrides)
+    if quantize and custom:
+        raise LmforgeError("pass either quant=... or a pipeline with a quantize step, not both")
+    pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len, quantize)
     PassManager(pipeline, instruments).run(ir)
     if ir.kv.dtype != target and (dtype is not None or not custom):  # a custom pipeline may choose the dtype
         raise LmforgeError(f"the pipeline left the graph in {ir.kv.dtype}, but dtype {dtype_name} was asked for; "
@@ -139,6 +155,32 @@ def optimize(
         step("write")
         return write_artifact(ir, Path(output_dir), max_seq_len=max_seq_len, pipeline=pipeline,
                               tokenizer_files=files, tokenizer_info=info)
+
+
+def _quantize_options(quant, group_size, symmetric, method, skip, overrides) -> str | None:
+    """The quantize pass's options string, after checking every argument (one-line errors)."""
+    from lmforge.quant import DEFAULT_SKIP, LayerRules
+
+    if quant is None:
+        if skip is not None or overrides is not None:
+            raise LmforgeError("skip and overrides need quant='int4' or quant='fp8'")
+        return None
+    skip_text = DEFAULT_SKIP if skip is None else (skip if isinstance(skip, str) else "|".join(skip))
+    if isinstance(overrides, dict):
+        overrides = ";".join(f"{pattern}:{spec}" for pattern, spec in overrides.items())
+    overrides = overrides or ""
+    for text, what in ((skip_text, "skip"), (overrides, "overrides")):
+        if any(ch in text for ch in ",{}"):
+            raise LmforgeError(f"{what} {text!r} may not contain ',', '{{' or '}}'; separate patterns with '|'")
+    settings = {"group_size": group_size, "symmetric": symmetric, "method": method}
+    LayerRules.parse(quant, settings, skip_text, overrides)  # every bad value fails here, in one line
+    parts = [f"scheme={quant}"]
+    if quant == "int4":
+        parts += [f"group_size={group_size}", f"symmetric={str(bool(symmetric)).lower()}", f"method={method}"]
+    parts.append(f"skip={skip_text}")
+    if overrides:
+        parts.append(f"overrides={overrides}")
+    return ",".join(parts)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):

@@ -49,6 +49,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
       lmforge optimize ./my-hf-model -o out --dtype bfloat16
       lmforge inspect out --json
       lmforge bench out --batch 4
+      lmforge optimize -o demo-int4 --quant int4 && lmforge eval demo-int4
     """
     ctx.obj = {"debug": debug}
 
@@ -58,11 +59,21 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path), help=f"Artifact directory [default: ./{DEMO_OUT} for the demo model, ./out otherwise].")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute and storage dtype [default: the checkpoint's].")
 @click.option("--max-seq-len", type=click.IntRange(min=1), help="KV cache length [default: the model's position limit, at most 4096].")
+@click.option("--quant", type=click.Choice(["int4", "fp8"]),
+              help="Quantize linear layers: int4 weight-only (group-wise) or fp8 (e4m3 weights, per-token activations).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128", "256"]), help="int4: columns per scale [default: 128].")
+@click.option("--symmetric", is_flag=True, help="int4: symmetric (no zero points) instead of asymmetric.")
+@click.option("--quant-method", type=click.Choice(["rtn", "hqq"]),
+              help="int4: round to nearest, or HQQ's calibration-free search of zero points [default: rtn].")
+@click.option("--skip", metavar="GLOBS", help="Layers kept in float, comma-separated globs [default: lm_head; '' for none].")
+@click.option("--override", "overrides", multiple=True, metavar="GLOB:SETTINGS",
+              help="Per-layer settings, e.g. '*.down_proj:g32+sym', '*.layers.0.*:skip', 'lm_head:fp8' (repeatable).")
 @click.option("--pipeline", help='Pass pipeline, e.g. "remove-noops,dce,convert-dtype{dtype=bfloat16},constant-fold,dce".')
 @click.option("--print-after", multiple=True, metavar="PASS", help="Print the IR after this pass (repeatable; 'all' for every pass).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after every pass into this directory.")
 @click.pass_context
-def optimize(ctx, model, output, dtype, max_seq_len, pipeline, print_after, dump_ir):
+def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetric, quant_method, skip, overrides,
+             pipeline, print_after, dump_ir):
     """Capture MODEL, run the pass pipeline and write an artifact.
 
     MODEL is a local Hugging Face directory (from save_pretrained) or a hub id (when online); without it,
@@ -73,10 +84,23 @@ def optimize(ctx, model, output, dtype, max_seq_len, pipeline, print_after, dump
       lmforge optimize
       lmforge optimize ./TinyLlama -o tinyllama --dtype bfloat16 --max-seq-len 2048
       lmforge optimize ./gpt2 -o gpt2 --print-after constant-fold
+      lmforge optimize -o demo-int4 --quant int4 --group-size 64
+      lmforge optimize ./TinyLlama -o tl-int4 --quant int4 --skip 'lm_head,*.gate_proj' --override '*.down_proj:g32'
+      lmforge optimize ./TinyLlama -o tl-fp8 --quant fp8
     """
     import lmforge
     from lmforge.passes import Instruments
 
+    if quant is None and (group_size or symmetric or quant_method or skip is not None or overrides):
+        raise click.UsageError("--group-size, --symmetric, --quant-method, --skip and --override need --quant")
+    if quant == "fp8" and (group_size or symmetric or quant_method):
+        raise click.UsageError("--group-size, --symmetric and --quant-method are int4 settings; fp8 has none")
+    quant_args = {}
+    if quant:
+        quant_args = dict(quant=quant, group_size=int(group_size or 128), symmetric=symmetric,
+                          quant_method=quant_method or "rtn",
+                          skip=None if skip is None else [p for p in skip.split(",") if p.strip()],
+                          overrides=";".join(overrides) or None)
     _quiet_transformers()
     debug = ctx.obj["debug"]
     output = output or Path(DEMO_OUT if model is None else "out")
@@ -103,7 +127,8 @@ def optimize(ctx, model, output, dtype, max_seq_len, pipeline, print_after, dump
         instruments.on_pipeline_start = lambda n: bar.update(task, total=len(stages) + n)
         instruments.on_pass_start = lambda name: begin(f"pass {name}")
         art = lmforge.optimize(model, output, dtype=dtype, max_seq_len=max_seq_len, pipeline=pipeline,
-                               instruments=instruments, progress=lambda stage: begin(stages.get(stage, stage)))
+                               instruments=instruments, progress=lambda stage: begin(stages.get(stage, stage)),
+                               **quant_args)
         bar.advance(task)
     m = art.manifest
     size = sum(f["bytes"] for f in m["files"].values())
@@ -112,6 +137,24 @@ def optimize(ctx, model, output, dtype, max_seq_len, pipeline, print_after, dump
     for h in m["passes"]:
         stats = ", ".join(f"{k}={v}" for k, v in h["stats"].items() if v)
         click.echo(f"  {h['pass']:<36} {h['seconds'] * 1000:7.1f} ms  {h['nodes_before']:>5} -> {h['nodes_after']:<5} nodes  {stats}")
+    for line in _quant_lines(m.get("quantization")):
+        click.echo(line)
+
+
+def _quant_lines(q: dict | None) -> list[str]:
+    """What the quantize pass did, for people: schemes and layer counts, then each layer kept and why."""
+    if not q:
+        return []
+    counts: dict[str, int] = {}
+    for cfg in q["layers"].values():
+        label = cfg["scheme"]
+        if cfg["scheme"] == "int4":
+            label += f" g{cfg['group_size']} {'sym' if cfg['symmetric'] else 'asym'} {cfg['method']}"
+        counts[label] = counts.get(label, 0) + 1
+    lines = ["  quantized: " + ", ".join(f"{n} layers {label}" for label, n in counts.items())
+             + f"; {len(q['kept'])} kept in float"]
+    lines += [f"    kept {layer}: {reason}" for layer, reason in q["kept"].items()]
+    return lines
 
 
 @cli.command()
@@ -204,6 +247,7 @@ def inspect(artifact, as_json, show_ir, context):
         "passes": m.get("passes", []),
         "ops": ir.op_counts(),
         "attention": _attention_report(m.get("passes", [])),
+        "quantization": m.get("quantization"),
         "nodes": len(ir.graph.nodes),
         "params": ir.param_count(),
         "param_bytes": ir.param_bytes(),
@@ -230,6 +274,8 @@ def inspect(artifact, as_json, show_ir, context):
         click.echo(f"  attention: {att['fused']} of {att['attentions']} fused into lmforge.attention")
         for reason, count in att["unfused"].items():
             click.echo(f"    {count} unfused: {reason}")
+    for line in _quant_lines(info["quantization"]):
+        click.echo(line)
     click.echo(f"  pipeline: {info['pipeline']}")
     for h in info["passes"]:
         stats = ", ".join(f"{k}={v}" for k, v in h["stats"].items() if v) or "no change"
@@ -274,16 +320,67 @@ def bench(artifact, batch, prompt_len, new_tokens, repeats, device, as_json):
     eng = lmforge.load(artifact, device=device)
     with _console().status("benchmarking"):
         r = bench_engine(eng, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
+    r.load_s = eng.load_seconds
     if as_json:
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
-    click.echo(f"batch {batch}, prompt {prompt_len}, new tokens {new_tokens}, {eng.ir.kv.dtype}, {device}")
+    scheme = (eng.artifact.manifest.get("quantization") or {}).get("scheme")
+    click.echo(f"batch {batch}, prompt {prompt_len}, new tokens {new_tokens}, {eng.ir.kv.dtype}"
+               f"{f' + {scheme} weights' if scheme else ''}, {device}")
+    click.echo(f"  load          {r.load_s * 1000:9.1f} ms")
     click.echo(f"  TTFT          {r.ttft_s * 1000:9.2f} ms")
     click.echo(f"  TPOT          {r.tpot_s * 1000:9.2f} ms")
     click.echo(f"  decode        {r.decode_tokens_per_s:9.1f} tokens/s")
     click.echo(f"  end to end    {r.end_to_end_tokens_per_s:9.1f} tokens/s")
     click.echo(f"  MBU           {r.mbu * 100:9.1f} %   of {r.bandwidth_gb_s:.1f} GB/s measured")
     click.echo(f"  MFU (prefill) {r.mfu * 100:9.1f} %   of {r.peak_tflops:.3f} TFLOP/s measured")
+
+
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="UTF-8 text file to score [default: the demo model's held-out text].")
+@click.option("--window", default=256, show_default=True, type=click.IntRange(min=2),
+              help="Tokens per window (each from an empty cache).")
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Windows per forward pass.")
+@click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens of the text.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(artifact, text_file, window, batch, max_tokens, device, as_json):
+    """Perplexity of ARTIFACT on a text (lower is better).
+
+    The text is cut into non-overlapping windows of --window tokens; perplexity is exp of the mean
+    negative log-likelihood of every token after each window's first.
+
+    \b
+    Examples:
+      lmforge eval lmforge-demo
+      lmforge eval demo-int4 --json
+      lmforge eval out --text wiki.test.txt --window 1024 --max-tokens 100000
+    """
+    import lmforge
+    from lmforge.runtime.evaluate import default_text, perplexity
+
+    path = text_file or default_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LmforgeError(f"{path} is not UTF-8 text: {e}") from None
+    eng = lmforge.load(artifact, device=device)
+    ids = eng._need_tokenizer().encode(text, add_special_tokens=False).ids[:max_tokens]
+    from rich.progress import Progress
+
+    with Progress(console=_console(), transient=True) as bar:
+        task = bar.add_task("scoring windows", total=None)
+        r = perplexity(eng, ids=ids, window=window, batch=batch,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))
+    info = {"artifact": str(artifact), "text": str(path), "dtype": eng.artifact.dtype,
+            "quantization": (eng.artifact.manifest.get("quantization") or {}).get("scheme"), **r.as_dict()}
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"perplexity {r.perplexity:.3f} over {r.tokens} tokens ({r.windows} windows of up to {r.window}) "
+               f"of {path.name}, in {r.seconds:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

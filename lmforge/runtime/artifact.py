@@ -4,7 +4,9 @@
       manifest.json        format, versions, source model, dtype, max_seq_len, pipeline and what each pass
                            did, tokenizer info, and the sha256 and size of every other file
       graph.json           the graph (`lmforge.ir.serialize`, format `lmforge.graph`)
-      model.safetensors    the weights, keyed by their source names
+      model.safetensors    the weights, keyed by their source names; quantized layers as packed tensors
+                           (`<layer>.qweight`, `.scales` and, for asymmetric int4, `.zeros`), their
+                           layouts and per-layer settings in the manifest's "quantization"
       config.json          the source model's config, for tools
       tokenizer/           tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), when known
 
@@ -122,6 +124,7 @@ def write_artifact(
             "params": ir.param_count(),
             "param_bytes": ir.param_bytes(),
             "kv_bytes_per_token": ir.kv.bytes_per_token(),
+            "quantization": _quantization_summary(ir),
             "tokenizer": tokenizer_info,
             "files": files,
         }
@@ -135,6 +138,32 @@ def write_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Artifact(out, manifest)
+
+
+def _quantization_summary(ir: GraphIR) -> dict[str, Any] | None:
+    """The manifest's view of `ir.quantization`: the scheme, its packed layout, and every layer's settings."""
+    q = ir.quantization
+    if not q:
+        return None
+    layout = {"int4": INT4_LAYOUT, "fp8": FP8_LAYOUT}
+    schemes = sorted({cfg["scheme"] for cfg in q.get("layers", {}).values()})
+    return {"scheme": q.get("scheme"), "layouts": {s: layout[s] for s in schemes if s in layout},
+            "layers": q.get("layers", {}), "kept": q.get("kept", {})}
+
+
+INT4_LAYOUT = {
+    "tensors": {"<layer>.qweight": "(N, K/2) uint8: q[n, 2j] in the low nibble of byte j, q[n, 2j+1] in the high",
+                "<layer>.scales": "(N, K/G) compute dtype",
+                "<layer>.zeros": "(N, K/G) compute dtype; absent when symmetric (zero point 8)"},
+    "dequantize": "W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], q unsigned 0..15",
+    "compatible_with": "ONNX MatMulNBits (bits=4, block_size=G, blocks of a row end to end)",
+}
+FP8_LAYOUT = {
+    "tensors": {"<layer>.qweight": "(N, K) float8_e4m3fn", "<layer>.scales": "(N,) float32"},
+    "dequantize": "W[n, k] = qweight[n, k] * scales[n]; activations quantized per token at run time "
+                  "(scale = max|x[m, :]| / 448)",
+    "compatible_with": "compressed-tensors float-quantized (channel weights, dynamic token activations)",
+}
 
 
 def _vocab_size(ir: GraphIR) -> int:

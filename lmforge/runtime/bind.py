@@ -14,12 +14,14 @@ import os
 
 import torch
 
-from lmforge.codegen import attention, linear, rms_norm, rotary
+from lmforge.codegen import attention, linear, quant_linear, rms_norm, rotary
 from lmforge.ir.graph import GraphIR
 
 CPU_IMPLS = {
     torch.ops.lmforge.attention.default: attention.attention_impl,
     torch.ops.lmforge.linear.default: linear._linear_cpu,
+    torch.ops.lmforge.int4_linear.default: quant_linear.int4_linear_impl,
+    torch.ops.lmforge.fp8_linear.default: quant_linear.fp8_linear_impl,
     torch.ops.lmforge.rms_norm.default: rms_norm._rms_norm_cpu,
     torch.ops.lmforge.rotary.default: rotary._rotary_cpu,
 }

@@ -50,7 +50,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 class Engine:
     def __init__(self, ir: GraphIR, max_seq_len: int, device: torch.device, artifact: Artifact | None = None,
-                 tokenizer=None, weight_layout: str = "source"):
+                 tokenizer=None, weight_layout: str = "source", cost=None):
         self.ir, self.max_seq_len, self.device = ir, max_seq_len, device
         self.weight_layout = weight_layout  # "source", "transposed" or "gemv": see runtime/layout.py
         self.artifact, self.tokenizer = artifact, tokenizer
@@ -62,14 +62,20 @@ class Engine:
         vocab = out.args[0][0].meta["spec"].shape[-1]
         self.vocab_size = int(vocab) if isinstance(vocab, int) else int(ir.config.get("vocab_size", 0))
         self._cache: KVCache | None = None
-        from lmforge.ir.analysis import cost
+        if cost is None:
+            from lmforge.ir.analysis import cost as graph_cost
 
-        self.cost = cost(ir)  # FLOPs per token (`load` sets it from the graph as the artifact holds it)
+            cost = graph_cost(ir)
+        self.cost = cost  # FLOPs per token, of the graph as the artifact holds it (before load-time rewrites)
+        self.load_seconds: float | None = None  # Engine.load: reading, checking and preparing the artifact
 
     # --- loading ---------------------------------------------------------------------------------
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> "Engine":
+        import time
+
+        started = time.perf_counter()
         device = _check_device(device)
         from lmforge.codegen.dispatch import check_kernel_env
 
@@ -77,7 +83,7 @@ class Engine:
         art = read_manifest(Path(path))
         if verify:
             verify_files(art)
-        from lmforge.runtime.layout import apply_layout, choose_layout
+        from lmforge.runtime.layout import apply_layout, choose_layout, prepare_quantized
 
         ir = load_graph(art, device)
         if device.type != "cpu":
@@ -87,6 +93,7 @@ class Engine:
         graph_cost = cost(ir)
         layout = choose_layout(device, ir.kv.dtype)
         apply_layout(ir, layout)
+        prepare_quantized(ir, device)
         from lmforge.runtime.bind import bind_cpu_kernels
 
         bind_cpu_kernels(ir, device)
@@ -99,9 +106,9 @@ class Engine:
                 tokenizer = Tokenizer.from_file(str(tok_file))
             except Exception as e:  # tokenizers raises its own Exception type
                 raise ArtifactError(f"{tok_file} cannot be read: {str(e).splitlines()[0]}") from None
-        eng = cls(ir, art.max_seq_len, device, art, tokenizer, weight_layout=layout)
-        eng.cost = graph_cost
-        return eng
+        engine = cls(ir, art.max_seq_len, device, art, tokenizer, weight_layout=layout, cost=graph_cost)
+        engine.load_seconds = time.perf_counter() - started
+        return engine
 
     # --- one step --------------------------------------------------------------------------------
 

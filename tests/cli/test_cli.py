@@ -49,7 +49,7 @@ def hf_dir(tmp_path_factory) -> Path:
 
 
 def test_help_has_examples():
-    for command in ([], ["optimize"], ["run"], ["inspect"], ["bench"]):
+    for command in ([], ["optimize"], ["run"], ["inspect"], ["bench"], ["eval"]):
         code, stdout, _ = invoke(*command, "--help")
         assert code == 0 and "Examples:" in stdout, command
 
@@ -111,7 +111,7 @@ def test_bench_json(demo):
     code, stdout, stderr = invoke("bench", str(demo), "--prompt-len", "8", "--new-tokens", "8", "--repeats", "1", "--json")
     assert code == 0, stderr
     r = json.loads(stdout)
-    assert r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["decode_tokens_per_s"] > 0
+    assert r["ttft_s"] > 0 and r["tpot_s"] > 0 and r["decode_tokens_per_s"] > 0 and r["load_s"] > 0
     assert 0 < r["mbu"] and 0 < r["mfu"]
 
 
@@ -127,6 +127,14 @@ def test_bench_json(demo):
     (["inspect"], "error: Missing argument 'ARTIFACT'"),
     (["run", "{demo}", "--prompt-ids", "1,x"], "error: Invalid value for '--prompt-ids': expected comma-separated token ids"),
     (["run", "{demo}", "--prompt-ids", "1,99999"], "is outside the vocabulary"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--group-size", "64"], "error: --group-size, --symmetric, --quant-method, --skip and --override need --quant"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "fp8", "--symmetric"], "are int4 settings; fp8 has none"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "int4", "--group-size", "48"], "error: Invalid value for '--group-size'"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "int4", "--override", "*.down_proj=g32"], "error: bad quantization override '*.down_proj=g32': expected PATTERN:SETTINGS"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "int4", "--override", "*.down_proj:g7"], "error: int4 group size must be one of 32, 64, 128, 256, got 7"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "int4", "--quant-method", "hqq", "--symmetric"], "error: int4 method 'hqq' optimises zero points, so it is asymmetric only"),
+    (["eval", "{demo}", "--text", "{tmp}/none.txt"], "error: Invalid value for '--text'"),
+    (["eval", "{demo}", "--window", "100000"], "error: window must be between 2 and the artifact's max_seq_len"),
 ])
 def test_bad_input_is_one_line(args, message, demo, hf_dir, tmp_path):
     from transformers import T5Config
@@ -153,6 +161,28 @@ def test_corrupt_artifact_from_the_cli(demo, tmp_path):
     (broken / "model.safetensors").write_bytes(bytes(data))
     code, _, stderr = invoke("run", str(broken), "-p", "x")
     assert code == 1 and stderr.strip() == f"error: {broken / 'model.safetensors'} fails its sha256 check: the file is corrupt or was modified"
+
+
+def test_quantize_inspect_and_eval(tmp_path):
+    """The issue's commands on the demo model: int4 with a skip list and an override, then inspect and eval."""
+    out = tmp_path / "demo-int4"
+    code, stdout, stderr = invoke("optimize", "-o", str(out), "--quant", "int4", "--group-size", "64",
+                                  "--skip", "lm_head,*.gate_proj", "--override", "*.down_proj:g32+sym")
+    assert code == 0, stderr
+    assert "quantized: 20 layers int4 g64 asym rtn, 4 layers int4 g32 sym rtn; 5 kept in float" in stdout
+    assert "kept model.layers.0.mlp.gate_proj: skipped by pattern '*.gate_proj'" in stdout
+    code, stdout, _ = invoke("inspect", str(out))
+    assert code == 0 and "quantized: 20 layers int4 g64" in stdout and "lmforge.int4_linear" in stdout
+    code, stdout, _ = invoke("inspect", str(out), "--json")
+    q = json.loads(stdout)["quantization"]
+    assert q["scheme"] == "int4" and q["layers"]["model.layers.1.mlp.down_proj"]["symmetric"] is True
+    assert "MatMulNBits" in q["layouts"]["int4"]["compatible_with"]
+    code, stdout, stderr = invoke("eval", str(out), "--max-tokens", "600", "--json")
+    assert code == 0, stderr
+    r = json.loads(stdout)
+    assert r["quantization"] == "int4" and r["tokens"] == 600 - 3 and r["windows"] == 3 and 20 < r["perplexity"] < 200
+    code, stdout, _ = invoke("eval", str(out), "--max-tokens", "600")
+    assert code == 0 and stdout.startswith("perplexity ") and "over 597 tokens (3 windows of up to 256)" in stdout
 
 
 @pytest.mark.slow
