@@ -110,7 +110,22 @@ class GraphIR:
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def param_count(self) -> int:
-        return sum(t.numel() for t in self.weights().values())
+        """The parameters the weights stand for: a packed int4 weight counts its 4-bit values (two a byte), and
+        quantization scales and zero points count nothing."""
+        weights = self.weights()
+        packed, parameters = set(), set()
+        for n in self.graph.nodes:
+            name = op_name(n.target) if n.op == "call_function" else ""
+            if name in ("lmforge.int4_linear.default", "lmforge.fp8_linear.default"):
+                packed.add(n.args[1].target)
+                parameters.update(a.target for a in n.args[2:4] if isinstance(a, fx.Node))
+        count = 0
+        for attr, t in weights.items():
+            if attr in packed:
+                count += t.numel() * (2 if t.dtype == torch.uint8 else 1)
+            elif attr not in parameters:
+                count += t.numel()
+        return count
 
     def param_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weights().values())

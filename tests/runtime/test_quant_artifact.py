@@ -81,6 +81,8 @@ def test_int4_artifact_is_about_a_quarter_of_bf16(demo_artifacts):
     total = {name: a.manifest["files"]["model.safetensors"]["bytes"] for name, a in demo_artifacts.items()}
     assert total["int4"] < 0.4 * total["bf16"]  # the float embedding table (tied to lm_head) is the rest
     assert total["fp8"] < 0.6 * total["bf16"]
+    params = {name: a.manifest["params"] for name, a in demo_artifacts.items()}
+    assert params["int4"] == params["fp8"] == params["bf16"]  # the weights stand for as many parameters
 
 
 def test_demo_perplexity_close_to_bf16(demo_artifacts):
