@@ -2,14 +2,18 @@
 
 What it measures: a SmolLM-135M-shaped Llama (random weights, seed 0) generates exactly N new tokens
 after a random batch-1 prompt of P tokens, in float32 and in bfloat16, once with transformers'
-`model.generate` (eager, dynamic cache) and once with `lmforge.load(...).generate`. Each is warmed up
-once and timed as the best of `--repeats` runs of the whole call (prefill + decode), the two engines'
-runs alternating so that both see the same machine conditions:
+`model.generate` (eager, dynamic cache) and once with `lmforge.load(...).generate`; then lmforge again
+with its weights quantized (`--quant`, default int4; fp8 too if asked) at `--group-size` (default 64:
+SmolLM's width, 576, is not a multiple of 128), computing in bfloat16. Each is warmed up once and timed as the best of `--repeats` runs of the whole call (prefill +
+decode), each lmforge engine's runs alternating with HF's in the same dtype so that both see the same
+machine conditions:
 
     tokens/s      = N / seconds
-    bytes/step    = weight bytes (each parameter once, tied embeddings once)
+    bytes/step    = weight bytes (each parameter once, tied embeddings once; for lmforge, the weights as
+                    the engine holds them: packed int4 plus its float32 scales and zero points)
                     + KV-cache bytes per token * (P + N / 2)          (the mean context of a decode step)
     bandwidth %   = bytes/step * tokens/s / measured memory read bandwidth
+    vs HF fp32    = tokens/s over HF eager's float32 tokens/s (issue 5's target: int4 at 3x or more)
 
 The bandwidth share counts the prefill time as decode time, so it slightly understates the decode
 loop's own share. The "match" column counts the positions among the N generated tokens where lmforge
@@ -17,7 +21,8 @@ picked the same token as transformers in the same dtype (float32 should match al
 
 Run (from the repository root):
 
-    python bench/decode_cpu.py [--new-tokens 64] [--prompt-len 32] [--repeats 3] [--threads N] [--json]
+    python bench/decode_cpu.py [--new-tokens 64] [--prompt-len 32] [--repeats 5] [--threads N]
+                               [--quant int4,fp8] [--group-size 64] [--json]
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ class Row:
     ratio_vs_hf: float | None  # lmforge tokens/s over HF tokens/s in the same dtype
     bandwidth_share: float  # achieved bytes/s over measured read bandwidth, 0..1
     matching_tokens: int | None  # of the N generated tokens, how many equal HF's
+    ratio_vs_hf_fp32: float | None = None  # tokens/s over HF eager float32's
 
 
 def build_model() -> LlamaForCausalLM:
@@ -97,16 +103,18 @@ def best_of_interleaved(fns: list[Callable[[], torch.Tensor]], repeats: int) -> 
 
 
 def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_tokens: int, repeats: int,
-                workdir: Path, bandwidth: float) -> list[Row]:
-    """The HF-eager and lmforge rows for one dtype."""
+                workdir: Path, bandwidth: float, quant: str | None = None, group_size: int = 64) -> list[Row]:
+    """The HF-eager and lmforge rows for one dtype (and quantization scheme)."""
     prompt_len = ids.shape[1]
     hf = copy.deepcopy(model).to(DTYPES[dtype])
     mask = torch.ones_like(ids)
-    step_weights = weight_bytes(hf)
     max_seq_len = -(-(prompt_len + new_tokens) // 64) * 64
-    out_dir = workdir / dtype
-    lmforge.optimize(model, output_dir=out_dir, dtype=dtype, max_seq_len=max_seq_len)
+    out_dir = workdir / f"{dtype}-{quant}"
+    lmforge.optimize(model, output_dir=out_dir, dtype=dtype, max_seq_len=max_seq_len, quant=quant,
+                     group_size=group_size)
     eng = lmforge.load(out_dir)
+    hf_weights = weight_bytes(hf)
+    step_weights = hf_weights if quant is None else engine_weight_bytes(eng)
     (hf_s, hf_out), (lm_s, lm_out) = best_of_interleaved([
         lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                             do_sample=False),
@@ -121,17 +129,27 @@ def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_toke
     if hf_new.numel() != new_tokens or lm_new.numel() != new_tokens:
         raise RuntimeError(f"expected {new_tokens} new tokens, got HF {hf_new.numel()}, lmforge {lm_new.numel()}")
     matching = int((hf_new == lm_new).sum())
+    hf_step_bytes = hf_weights + kv_bytes
     return [
-        Row(dtype, "HF eager", hf_tps, None, step_bytes * hf_tps / bandwidth, None),
-        Row(dtype, "lmforge", lm_tps, lm_tps / hf_tps, step_bytes * lm_tps / bandwidth, matching),
+        Row(dtype, "HF eager", hf_tps, None, hf_step_bytes * hf_tps / bandwidth, None),
+        Row(dtype, "lmforge" + (f" {quant}" + (f" g{group_size}" if quant == "int4" else "") if quant else ""),
+            lm_tps, lm_tps / hf_tps,
+            step_bytes * lm_tps / bandwidth, matching),
     ]
+
+
+def engine_weight_bytes(eng) -> int:
+    """Bytes of the weights a loaded engine reads per step, excluding position tables it only indexes."""
+    return sum(t.numel() * t.element_size() for attr, t in eng.ir.weights().items()
+               if eng.ir.weight_kind(attr) == "parameter")
 
 
 def format_table(rows: list[Row], new_tokens: int) -> str:
     """The rows as an aligned plain-text table."""
-    head = ("dtype", "engine", "tokens/s", "lmforge/HF", "bandwidth %", "match HF")
+    head = ("dtype", "engine", "tokens/s", "lmforge/HF", "vs HF fp32", "bandwidth %", "match HF")
     body = [(r.dtype, r.engine, f"{r.tokens_per_s:.1f}",
              "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x",
+             "-" if r.ratio_vs_hf_fp32 is None else f"{r.ratio_vs_hf_fp32:.2f}x",
              f"{100 * r.bandwidth_share:.1f}",
              "-" if r.matching_tokens is None else f"{r.matching_tokens}/{new_tokens}") for r in rows]
     widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
@@ -150,8 +168,14 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; best counts (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--quant", default="int4", help="quantized bfloat16 rows, comma-separated: int4, fp8, or '' for "
+                                                   "none (default int4)")
+    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128, 256), help="int4 group size (default 64)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
+    args.quant = [q.strip() for q in args.quant.split(",") if q.strip()]
+    if any(q not in ("int4", "fp8") for q in args.quant):
+        p.error("--quant takes int4 and/or fp8")
     if args.new_tokens < 1 or args.prompt_len < 1 or args.repeats < 1:
         p.error("--new-tokens, --prompt-len and --repeats must be >= 1")
     if args.prompt_len + args.new_tokens > SMOLLM_135M["max_position_embeddings"]:
@@ -171,6 +195,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lmforge-decode-bench-") as work:
         for dtype in DTYPES:
             rows += bench_dtype(model, dtype, ids, args.new_tokens, args.repeats, Path(work), bandwidth)
+        for quant in args.quant:  # HF bf16 runs again beside each, for the same-conditions ratio
+            rows += bench_dtype(model, "bfloat16", ids, args.new_tokens, args.repeats, Path(work), bandwidth, quant,
+                                args.group_size)[1:]
+    hf_fp32 = next(r.tokens_per_s for r in rows if r.engine == "HF eager" and r.dtype == "float32")
+    for r in rows:
+        r.ratio_vs_hf_fp32 = r.tokens_per_s / hf_fp32
     meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "bandwidth_gb_s": round(bandwidth / 1e9, 2), "prompt_len": args.prompt_len,
