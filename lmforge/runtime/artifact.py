@@ -93,7 +93,7 @@ def write_artifact(
     step = progress or (lambda _: None)
     try:
         step("weights")
-        save_file(weights_to_save(ir), str(tmp / WEIGHTS), metadata={"format": "pt", "producer": "lmforge"})
+        save_file(weights_to_save(ir), str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: a stable header
         step("graph")
         (tmp / GRAPH).write_text(json.dumps(graph_to_json(ir), separators=(",", ":")))
         (tmp / CONFIG).write_text(json.dumps(ir.config, indent=2, sort_keys=True, default=str))

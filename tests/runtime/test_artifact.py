@@ -121,13 +121,18 @@ def test_rewrite_replaces_only_artifacts(tmp_path, art):
     assert (other / "notes.txt").read_text() == "keep me"
 
 
-def test_runtime_never_imports_transformers(art):
+@pytest.mark.parametrize("quant", [None, "int4"])
+def test_runtime_never_imports_transformers(art, quant, tmp_path):
+    """Neither transformers nor torchao (quantization math, at optimize time only) at run time."""
+    if quant:
+        art = tmp_path / "q"
+        lmforge.optimize(make_model("llama"), art, max_seq_len=32, quant=quant, group_size=32)
     code = (
         "import sys, torch, lmforge\n"
         f"eng = lmforge.load({str(art)!r})\n"
         "out = eng.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)\n"
         "assert out.shape == (1, 7), out.shape\n"
-        "bad = [m for m in sys.modules if m.split('.')[0] == 'transformers']\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('transformers', 'torchao')]\n"
         "assert not bad, bad[:3]\n"
         "print('ok')\n"
     )
@@ -143,3 +148,13 @@ def test_loading_reads_no_pickle(art, monkeypatch):
     monkeypatch.setattr("pickle.load", forbidden)
     lmforge.load(art).forward(torch.tensor([[1, 2]]))
     assert art_mod.FORMAT_VERSION == 1
+
+
+def test_same_model_same_bytes(tmp_path):
+    """Two optimizes of one model write byte-identical weights and graph (only the manifest's timestamp
+    differs), so an artifact's checksums identify its contents."""
+    model = make_model("llama")
+    first, second = (lmforge.optimize(model, tmp_path / name, max_seq_len=32, quant="int4", group_size=32)
+                     for name in ("a", "b"))
+    for name in ("model.safetensors", "graph.json"):
+        assert first.manifest["files"][name]["sha256"] == second.manifest["files"][name]["sha256"], name
