@@ -26,11 +26,19 @@ BASE = "remove-noops,dce,fuse-attention"
 LINEARS = {aten.linear.default, aten.addmm.default, aten.mm.default}
 
 
+_cache: dict[tuple, object] = {}
+
+
 def _quantized(model, options: str, dtype: str | None = None):
-    ir = capture(model)
-    steps = f"{BASE},quantize{{{options}}}" + (f",convert-dtype{{dtype={dtype}}}" if dtype else "")
-    PassManager(steps).run(ir)
-    return ir
+    """`model` captured and quantized with `options` (then converted to `dtype`); cached per model and
+    options, as the tests only read the result."""
+    key = (id(model), options, dtype)  # the cache holds the model too, so its id cannot be reused
+    if key not in _cache:
+        ir = capture(model)
+        steps = f"{BASE},quantize{{{options}}}" + (f",convert-dtype{{dtype={dtype}}}" if dtype else "")
+        PassManager(steps).run(ir)
+        _cache[key] = (model, ir)
+    return _cache[key][1]
 
 
 def _packed(ir) -> dict[str, torch.Tensor]:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 import lmforge
 from lmforge.runtime.evaluate import default_text, perplexity
 from tests.conftest import make_model, random_ids
-from tests.passes.test_quantize import _dequantized_model
+from tests.passes.test_quantize import _dequantized_model, _quantized
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +50,7 @@ def test_loading_never_requantizes_and_matches_hf(llama_int4, monkeypatch):
     loaded = {eng.ir.weight_names[a]: t for a, t in eng.ir.weights().items()}
     assert torch.equal(loaded["model.layers.1.mlp.up_proj.qweight"], on_disk["model.layers.1.mlp.up_proj.qweight"])
     ids = random_ids(2, 10, seed=3)
-    from lmforge.ir.capture import capture
-    from lmforge.passes import PassManager
-
-    ir = capture(model)
-    PassManager("remove-noops,dce,fuse-attention,quantize{scheme=int4,group_size=32}").run(ir)
+    ir = _quantized(model, "scheme=int4,group_size=32")
     with torch.no_grad():
         want = _dequantized_model(model, ir)(ids).logits
     torch.testing.assert_close(eng.forward(ids), want, rtol=1e-4, atol=1e-4)
@@ -102,11 +98,7 @@ def test_forced_triton_kernels_match_hf(llama_int4, monkeypatch):
     model, art = llama_int4
     monkeypatch.setenv("LMFORGE_KERNELS", "triton")
     eng = lmforge.load(art.path)
-    from lmforge.ir.capture import capture
-    from lmforge.passes import PassManager
-
-    ir = capture(model)
-    PassManager("remove-noops,dce,fuse-attention,quantize{scheme=int4,group_size=32}").run(ir)
+    ir = _quantized(model, "scheme=int4,group_size=32")
     ids = random_ids(1, 7, seed=4)
     with torch.no_grad():
         want = _dequantized_model(model, ir)(ids).logits
