@@ -25,13 +25,13 @@ Run (from the repository root):
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import math
 
 import torch
 import torch.nn.functional as F
+from _gpu import setup
 
 
 def prefill_rows(quick: bool, smoke: bool):
@@ -56,34 +56,13 @@ def decode_rows(quick: bool, smoke: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="A few shapes only.")
-    parser.add_argument("--json", action="store_true", help="Print the rows as JSON instead of a table.")
-    parser.add_argument("--smoke", action="store_true",
-                        help="Tiny shapes, on the CPU under TRITON_INTERPRET=1 too: checks the script, not the speed.")
-    args = parser.parse_args()
-    import os
-
-    if not torch.cuda.is_available() and not (args.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise SystemExit("bench/attention.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
+    args, dev, do_bench, bandwidth = setup(__doc__, "bench/attention.py")
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lmforge.codegen.kernels import attention as kernels
-    from lmforge.runtime.measure import memory_bandwidth
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-    else:  # smoke run: one timed call is enough
-        import time
-
-        def do_bench(fn):
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
     flash = [SDPBackend.FLASH_ATTENTION] if dev.type == "cuda" else [SDPBackend.MATH]
     dtype = torch.bfloat16
-    bandwidth = memory_bandwidth(dev, nbytes=1 << 31 if dev.type == "cuda" else 1 << 24)
     rows = []
 
     for D, S, causal, B, H in prefill_rows(args.quick, args.smoke):

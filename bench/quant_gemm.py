@@ -18,7 +18,7 @@ needs (as `lmforge::fp8_linear` runs it), where the GPU has it (compute capabili
     weight B    = int4: N * K / 2 + 2 * (N * K / 128) * 2  (packed nibbles, bf16 scales and zeros)
                   fp8:  N * K + 4 * N;   bf16: 2 * N * K
     GB/s        = weight bytes / time (activations and outputs not counted: they matter only at large M)
-    BW %        = GB/s / measured bandwidth, that of a 2 GiB device-to-device copy ((read + write) / time)
+    BW %        = GB/s / measured read bandwidth (a 2 GiB reduction, as bench/attention.py measures it)
     vs bf16     = bf16 time / lmforge time (> 1: lmforge faster);  vs base = tinygemm or _scaled_mm likewise
     max err     = max |lmforge - reference| (`int4_reference` / `fp8_reference`: float32 math, bf16 output)
 
@@ -33,43 +33,30 @@ Run (from the repository root):
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
-import os
 
 import torch
 import torch.nn.functional as F
+from _gpu import setup
+
+from lmforge.quant import fp8, int4
 
 LLAMA_8B = [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)]
 GROUP = 128
+INT4_M = ((1, 4, 16, 64, 256, 1024), (1, 16, 1024))  # all, --quick
+FP8_M = ((1, 16, 256, 512, 1024, 4096), (1, 256, 4096))
 
 
-def int4_rows(quick: bool, smoke: bool):
+def shape_rows(ms: tuple[tuple[int, ...], tuple[int, ...]], smoke_k: int, quick: bool, smoke: bool):
+    """(layer, N, K, M) for every M in `ms` (its second entry with --quick) and Llama-8B shape."""
     if smoke:
-        yield from [("tiny", 48, 256, 1), ("tiny", 48, 256, 20)]
+        yield from [("tiny", 48, smoke_k, 1), ("tiny", 48, smoke_k, 20)]
         return
     shapes = LLAMA_8B[::2] if quick else LLAMA_8B
-    for M in ((1, 16, 1024) if quick else (1, 4, 16, 64, 256, 1024)):
+    for M in ms[1] if quick else ms[0]:
         for name, N, K in shapes:
             yield name, N, K, M
-
-
-def fp8_rows(quick: bool, smoke: bool):
-    if smoke:
-        yield from [("tiny", 48, 96, 1), ("tiny", 48, 96, 20)]
-        return
-    shapes = LLAMA_8B[::2] if quick else LLAMA_8B
-    for M in ((1, 256, 4096) if quick else (1, 16, 256, 512, 1024, 4096)):
-        for name, N, K in shapes:
-            yield name, N, K, M
-
-
-def copy_bandwidth(dev: torch.device, nbytes: int, do_bench) -> float:
-    """Bytes per second moved (read + write) by a device-to-device copy of `nbytes`."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    return 2 * nbytes / (do_bench(lambda: dst.copy_(src)) / 1e3)
 
 
 def make_int4(N: int, K: int, dev: torch.device, gen: torch.Generator):
@@ -82,8 +69,7 @@ def make_int4(N: int, K: int, dev: torch.device, gen: torch.Generator):
 
 def tinygemm(x, qweight, scales, zeros):
     """A function running torch's tinygemm int4 kernel on the same weight, or None where this torch lacks it."""
-    N, K = qweight.shape[0], qweight.shape[1] * 2
-    q = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(N, K)  # (N, K) values 0..15, columns in order
+    q = int4.unpack(qweight)  # (N, K) values 0..15, columns in order
     scale_zero = torch.stack([scales.float(), (8 - zeros.float()) * scales.float()], dim=-1)  # (N, K / G, 2)
     scale_zero = scale_zero.transpose(0, 1).contiguous().to(torch.bfloat16)  # (K / G, N, 2)
     try:
@@ -101,22 +87,21 @@ def tinygemm(x, qweight, scales, zeros):
 
 
 def make_fp8(N: int, K: int, dev: torch.device, gen: torch.Generator):
-    """A random weight quantized as `quant/fp8.py` does: (N, K) e4m3 and (N,) float32 scales."""
-    w = torch.randn(N, K, generator=gen) * 0.02
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 448.0
-    return (w / scale[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).to(dev), scale.to(dev)
+    """A random weight quantized per output channel as `quant/fp8.py` does (its row quantizer, which needs no
+    torchao): (N, K) e4m3 and (N,) float32 scales."""
+    qdata, scale = fp8.quantize_rows(torch.randn(N, K, generator=gen) * 0.02)
+    return qdata.to(dev), scale[:, 0].to(dev)
 
 
 def scaled_mm(x, weight, weight_scale):
-    """torch._scaled_mm with row-wise scales, x quantized by torch ops first; None where unsupported."""
+    """`lmforge::fp8_linear`'s GPU path: torch._scaled_mm with row-wise scales, x quantized by torch ops first;
+    None where unsupported."""
     if x.device.type != "cuda" or torch.cuda.get_device_capability(x.device) < (8, 9):
         return None
+    from lmforge.codegen.quant_linear import _fp8_scaled_mm
 
     def run():
-        x32 = x.float()
-        s = x32.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 448.0
-        xq = (x32 / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-        return torch._scaled_mm(xq, weight.t(), scale_a=s, scale_b=weight_scale[None, :], out_dtype=x.dtype)
+        return _fp8_scaled_mm(x, weight, weight_scale, None)
 
     try:
         run()
@@ -127,27 +112,9 @@ def scaled_mm(x, weight, weight_scale):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="A few shapes only.")
-    parser.add_argument("--json", action="store_true", help="Print the rows as JSON instead of a table.")
-    parser.add_argument("--smoke", action="store_true",
-                        help="Tiny shapes, on the CPU under TRITON_INTERPRET=1 too: checks the script, not the speed.")
-    args = parser.parse_args()
-    if not torch.cuda.is_available() and not (args.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
-        raise SystemExit("bench/quant_gemm.py needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)")
+    args, dev, do_bench, bandwidth = setup(__doc__, "bench/quant_gemm.py")
     from lmforge.codegen.kernels import quant as kernels
 
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":
-        from triton.testing import do_bench
-    else:  # smoke run: one timed call is enough
-        import time
-
-        def do_bench(fn):
-            start = time.perf_counter()
-            fn()
-            return (time.perf_counter() - start) * 1e3
-    bandwidth = copy_bandwidth(dev, 1 << 31 if dev.type == "cuda" else 1 << 24, do_bench)
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16
     rows = []
@@ -157,11 +124,10 @@ def main() -> None:
                          base_ms=t_base, tflops=2 * M * N * K / t_ours / 1e9, weight_gb_s=nbytes / t_ours / 1e6,
                          bw_share=nbytes / (t_ours / 1e3) / bandwidth, max_err=err))
 
-    for name, N, K, M in int4_rows(args.quick, args.smoke):
+    for name, N, K, M in shape_rows(INT4_M, 256, args.quick, args.smoke):
         qweight, scales, zeros = make_int4(N, K, dev, gen)
         x = torch.randn(M, K, generator=gen).to(dev, dtype)
-        w_bf16 = ((torch.stack([qweight & 0xF, qweight >> 4], -1).reshape(N, K).float()
-                   - zeros.float().repeat_interleave(GROUP, 1)) * scales.float().repeat_interleave(GROUP, 1)).to(dtype)
+        w_bf16 = int4.dequantize(int4.Int4Weight(qweight, scales, zeros, GROUP), dtype)
         ours = lambda: kernels.int4_matmul(x, qweight, scales, zeros, GROUP)  # noqa: E731
         err = (ours().float() - kernels.int4_reference(x, qweight, scales, zeros, GROUP).float()).abs().max().item()
         theirs = tinygemm(x, qweight, scales, zeros)
@@ -169,10 +135,10 @@ def main() -> None:
         nbytes = N * K // 2 + 2 * (N * K // GROUP) * 2
         row("int4", name, M, N, K, t_ours, t_bf16, "tinygemm", do_bench(theirs) if theirs else None, nbytes, err)
 
-    for name, N, K, M in fp8_rows(args.quick, args.smoke):
+    for name, N, K, M in shape_rows(FP8_M, 96, args.quick, args.smoke):
         weight, weight_scale = make_fp8(N, K, dev, gen)
         x = torch.randn(M, K, generator=gen).to(dev, dtype)
-        w_bf16 = (weight.float() * weight_scale[:, None]).to(dtype)
+        w_bf16 = fp8.dequantize(fp8.Fp8Weight(weight, weight_scale), dtype)
         ours = lambda: kernels.fp8_matmul(x, weight, weight_scale)  # noqa: E731
         err = (ours().float() - kernels.fp8_reference(x, weight, weight_scale).float()).abs().max().item()
         theirs = scaled_mm(x, weight, weight_scale)
@@ -182,11 +148,11 @@ def main() -> None:
 
     if args.json:
         print(json.dumps({"date": datetime.date.today().isoformat(), "device": str(dev),
-                          "copy_bandwidth_gb_s": bandwidth / 1e9, "rows": rows}, indent=2))
+                          "bandwidth_gb_s": bandwidth / 1e9, "rows": rows}, indent=2))
         return
     device_name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (Triton interpreter, smoke run)"
     print(f"{datetime.date.today()}  {device_name}  torch {torch.__version__}  "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s  bf16 activations")
+          f"read bandwidth {bandwidth / 1e9:.0f} GB/s  bf16 activations")
     print("| kind | layer | M | N | K | lmforge ms | bf16 ms | base | base ms | TFLOP/s | weight GB/s | BW % "
           "| vs bf16 | vs base | max err |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

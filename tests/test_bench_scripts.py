@@ -14,22 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") == "1", reason="the smoke run is for CPU machines")
-def test_attention_bench_smoke():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "attention.py"), "--smoke"], capture_output=True,
+@pytest.mark.parametrize("script, kinds", [("attention.py", ("| prefill", "| decode")),
+                                           ("quant_gemm.py", ("| int4", "| fp8"))])
+def test_gpu_bench_smoke(script, kinds):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], capture_output=True,
                             text=True, timeout=300, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| prefill", "| decode"))]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(kinds)]
     assert len(rows) == 4
-    for row in rows:
-        assert float(row.rstrip(" |").split("|")[-1]) < 5e-2, row  # bf16 against SDPA
-
-
-@pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") == "1", reason="the smoke run is for CPU machines")
-def test_quant_gemm_bench_smoke():
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / "quant_gemm.py"), "--smoke"], capture_output=True,
-                            text=True, timeout=300, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith(("| int4", "| fp8"))]
-    assert len(rows) == 4
-    for row in rows:
-        assert float(row.rstrip(" |").split("|")[-1]) < 5e-2, row  # bf16 outputs against the float32 reference
+    for row in rows:  # bf16 outputs against SDPA, or against the float32 reference
+        assert float(row.rstrip(" |").split("|")[-1]) < 5e-2, row
