@@ -109,6 +109,22 @@ def run_python(code: str) -> str:
     return result.stdout.strip()
 
 
+def int4_float64(x, qweight, scales, zeros, group_size: int, bias=None) -> torch.Tensor:
+    """float64 `x @ W.T + bias` for a packed int4 weight, written out independently of lmforge: q[n, 2j] is the
+    low nibble of qweight[n, j], q[n, 2j + 1] the high one; W[n, k] = (q[n, k] - zeros[n, k // G]) *
+    scales[n, k // G], zeros None meaning 8."""
+    qweight = qweight.cpu().long()
+    N, K = qweight.shape[0], 2 * qweight.shape[1]
+    q = torch.empty(N, K, dtype=torch.float64)
+    q[:, 0::2] = (qweight & 0x0F).double()
+    q[:, 1::2] = ((qweight >> 4) & 0x0F).double()
+    group = torch.arange(K) // group_size
+    zero = 8.0 if zeros is None else zeros.cpu().double()[:, group]
+    w = (q - zero) * scales.cpu().double()[:, group]
+    y = x.cpu().double() @ w.T
+    return y if bias is None else y + bias.cpu().double()
+
+
 def random_ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (batch, seq), generator=gen)

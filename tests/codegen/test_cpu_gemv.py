@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lmforge.codegen import cpu_gemv
+from tests.conftest import int4_float64
 
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build the CPU kernel")
 
@@ -88,11 +89,11 @@ def test_rms_norm_op_equals_its_reference():
 def int4_reference(x, qweight, scales, zeros, group_size, bias):
     """float64 `x @ w.T + bias` with w unpacked from the nibbles: column 2j low, 2j + 1 high."""
     N = qweight.shape[0]
+    want = int4_float64(x, qweight, scales, zeros, group_size, bias)
     q = torch.stack([qweight & 15, qweight >> 4], dim=-1).reshape(N, -1).double()  # (N, K)
     z = torch.full_like(scales, 8.0) if zeros is None else zeros
     s_k = scales.double().repeat_interleave(group_size, dim=1)  # (N, K)
     z_k = z.double().repeat_interleave(group_size, dim=1)  # (N, K)
-    want = x.double() @ ((q - z_k) * s_k).T + (0 if bias is None else bias.double())
     # every intermediate the kernel sums (q * x and zero * x, per group) is bounded by this
     bound = x.double().abs() @ ((q + z_k) * s_k).T
     return want, bound

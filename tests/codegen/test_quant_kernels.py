@@ -1,6 +1,7 @@
 """The Triton int4 and fp8 matmul kernels against float64 references, under TRITON_INTERPRET=1 on the CPU.
 
-The references are written out here, independently of the module's own (`int4_reference`, `fp8_reference`):
+The references are written out in the tests (int4: `tests/conftest.int4_float64`), independently of the
+module's own (`int4_reference`, `fp8_reference`):
 nibbles unpacked with bit ops, group-wise dequantization, products in float64. Random inputs (never zeros),
 odd N, K with several groups and blocks, M on both sides of the GEMV / tiled boundary (16 | 17), split-K
 forced and chosen, zero points absent and fractional, bias and none, and x in float32, bfloat16 and float16.
@@ -15,6 +16,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from tests.conftest import int4_float64
 
 pytest.importorskip("triton")
 kernels = pytest.importorskip("lmforge.codegen.kernels.quant")
@@ -51,20 +54,6 @@ def make_int4(M, N, K, G, dtype, zeros: bool, bias: bool, seed=0):
     return x, qweight, scales, z, b
 
 
-def int4_reference64(x, qweight, scales, zeros, G, bias):
-    """W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G] with q[n, 2j] the low nibble of byte j."""
-    qweight = qweight.cpu().long()
-    N, K = qweight.shape[0], 2 * qweight.shape[1]
-    q = torch.empty(N, K, dtype=torch.float64)
-    q[:, 0::2] = (qweight & 0x0F).double()
-    q[:, 1::2] = ((qweight >> 4) & 0x0F).double()
-    group = torch.arange(K) // G
-    zero = 8.0 if zeros is None else zeros.cpu().double()[:, group]
-    w = (q - zero) * scales.cpu().double()[:, group]
-    y = x.cpu().double() @ w.T
-    return y if bias is None else y + bias.cpu().double()
-
-
 INT4_SHAPES = [(37, 96, 32), (65, 320, 64), (40, 256, 128)]  # (N, K, G): 3, 5 and 2 groups per row
 
 
@@ -77,14 +66,14 @@ def test_int4_matches_reference(M, dtype, shape, asym_bias):
     x, qweight, scales, zeros, bias = make_int4(M, N, K, G, dtype, asym_bias, asym_bias, seed=M + K)
     y = kernels.int4_matmul(x, qweight, scales, zeros, G, bias)
     assert y.dtype == dtype
-    close(y, int4_reference64(x, qweight, scales, zeros, G, bias), TOL[dtype])
+    close(y, int4_float64(x, qweight, scales, zeros, G, bias), TOL[dtype])
 
 
 @pytest.mark.parametrize("zeros,bias", [(True, False), (False, True)])
 @pytest.mark.parametrize("M", [1, 5, 33])
 def test_int4_zeros_and_bias_apart(M, zeros, bias):
     x, qweight, scales, z, b = make_int4(M, 65, 160, 32, torch.float32, zeros, bias, seed=3)
-    close(kernels.int4_matmul(x, qweight, scales, z, 32, b), int4_reference64(x, qweight, scales, z, 32, b), 1e-5)
+    close(kernels.int4_matmul(x, qweight, scales, z, 32, b), int4_float64(x, qweight, scales, z, 32, b), 1e-5)
 
 
 @pytest.mark.parametrize("M,n_splits", [(1, 2), (1, 5), (4, 3), (16, 10), (17, 2), (40, 4)])
@@ -92,7 +81,7 @@ def test_int4_split_k(M, n_splits):
     # K = 320 in 10 groups of 32: uneven chunks, and a request for more splits than groups at M = 16
     x, qweight, scales, zeros, bias = make_int4(M, 37, 320, 32, torch.bfloat16, True, True, seed=M)
     y = kernels.int4_matmul(x, qweight, scales, zeros, 32, bias, n_splits=n_splits)
-    close(y, int4_reference64(x, qweight, scales, zeros, 32, bias), TOL[torch.bfloat16])
+    close(y, int4_float64(x, qweight, scales, zeros, 32, bias), TOL[torch.bfloat16])
 
 
 def test_int4_chosen_splits_and_strided_rows():
@@ -100,13 +89,13 @@ def test_int4_chosen_splits_and_strided_rows():
     k_chunk, n_splits = kernels._split_k(kernels._tiles(1, 37), 1, 96, 32, torch.device("cpu"), None)
     assert n_splits > 1
     x, qweight, scales, zeros, bias = make_int4(1, 37, 96, 32, torch.float16, True, True, seed=9)
-    want = int4_reference64(x, qweight, scales, zeros, 32, bias)
+    want = int4_float64(x, qweight, scales, zeros, 32, bias)
     close(kernels.int4_matmul(x, qweight, scales, zeros, 32, bias), want, TOL[torch.float16])
     # x a view of wider rows (row stride 224, not K)
     wide, qweight, scales, zeros, bias = make_int4(20, 37, 224, 32, torch.float32, True, False, seed=10)
     x = wide[:, 64:160]
     qweight, scales, zeros = qweight[:, :48].contiguous(), scales[:, :3].contiguous(), zeros[:, :3].contiguous()
-    want = int4_reference64(x, qweight, scales, zeros, 32, None)
+    want = int4_float64(x, qweight, scales, zeros, 32, None)
     close(kernels.int4_matmul(x, qweight, scales, zeros, 32), want, 1e-5)
 
 
@@ -133,7 +122,7 @@ def test_int4_path_by_m(monkeypatch):
 
 def test_int4_reference_function_agrees():
     x, qweight, scales, zeros, bias = make_int4(5, 37, 96, 32, torch.float32, True, True)
-    want = int4_reference64(x, qweight, scales, zeros, 32, bias)
+    want = int4_float64(x, qweight, scales, zeros, 32, bias)
     close(kernels.int4_reference(x, qweight, scales, zeros, 32, bias), want, 1e-5)
 
 

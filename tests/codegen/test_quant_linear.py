@@ -10,6 +10,7 @@ from lmforge.codegen import cpu_gemv
 from lmforge.codegen.quant_linear import fp8_linear, fp8_reference, int4_linear, int4_reference
 from lmforge.quant import fp8 as fp8_math
 from lmforge.quant import int4 as int4_math
+from tests.conftest import int4_float64
 
 
 def _int4_inputs(M=3, N=37, K=128, G=32, dtype=torch.float32, zeros=True, bias=True, seed=0):
@@ -22,20 +23,13 @@ def _int4_inputs(M=3, N=37, K=128, G=32, dtype=torch.float32, zeros=True, bias=T
     return x, int4_math.pack(q), scales, z, G, b
 
 
-def _int4_float64(x, qweight, scales, zeros, G, bias):
-    q = torch.stack((qweight & 15, qweight >> 4), -1).reshape(qweight.shape[0], -1).double()
-    z = 8.0 if zeros is None else zeros.double().repeat_interleave(G, 1)
-    w = (q - z) * scales.double().repeat_interleave(G, 1)
-    return x.double() @ w.T + (0 if bias is None else bias.double())
-
-
 @pytest.mark.parametrize("zeros", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_reference_matches_float64(zeros, bias, dtype):
     args = _int4_inputs(dtype=dtype, zeros=zeros, bias=bias)
     y = int4_reference(*args)
-    want = _int4_float64(*args)
+    want = int4_float64(*args)
     assert y.dtype == dtype and y.shape == (3, 37)
     rel = 1e-5 if dtype == torch.float32 else 2 ** -8
     assert ((y.double() - want).abs() <= rel * want.abs() + 1e-4).all()
