@@ -112,6 +112,7 @@ def _final_projection(ir: GraphIR) -> fx.Node | None:
 
 
 def _layer_names(ir: GraphIR, m: LinearMatch, final: fx.Node | None) -> list[str]:
+    """The names a layer's patterns match, its own name first."""
     name = ir.weight_names.get(m.weight_attr, m.weight_attr)
     names = [name.removesuffix(".weight"), name]
     if m.node is final:
@@ -147,7 +148,7 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
 
     for m in find_linears(ir):
         names = _layer_names(ir, m, final)
-        label = names[1].removesuffix(".weight") if names[0] != "lm_head" else "lm_head"
+        label = names[0]  # the layer's name: lm_head, or its weight's name without `.weight`
         cfg, reason = rules.for_layer(names)
         weight = ir.weight(m.weight_attr)
         w = weight.t() if m.transposed else weight

@@ -92,7 +92,6 @@ def unpack(qdata: torch.Tensor) -> torch.Tensor:
 def dequantize(p: Int4Weight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The (N, K) weight the packed tensors stand for, computed in float32 and returned in `dtype`."""
     q = unpack(p.qdata).float()
-    N, K = q.shape
     scales = p.scales.float().repeat_interleave(p.group_size, dim=1)
     zeros = 8.0 if p.zeros is None else p.zeros.float().repeat_interleave(p.group_size, dim=1)
     return ((q - zeros) * scales).to(dtype)
