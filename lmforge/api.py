@@ -81,6 +81,7 @@ def optimize(
     quant_method: str = "rtn",
     skip: str | list[str] | None = None,
     overrides: dict[str, str] | str | None = None,
+    tp: int = 1,
     pipeline: str | None = None,
     tokenizer=None,
     instruments=None,
@@ -98,6 +99,10 @@ def optimize(
     group_size (32, 64, 128, 256), symmetric (no zero points) and quant_method ("rtn" or "hqq"). skip: layer
     globs kept in float (default "lm_head"; pass [] to quantize it too). overrides: {glob: "g32+sym" | "fp8" |
     "skip" | ...} per-layer settings, the last match winning (see `lmforge.quant`).
+
+    tp: tensor-parallel ranks. With tp > 1 the `shard` pass splits the linear layers between the ranks and the
+    artifact holds one graph and a weight file per rank; run it with `lmforge run` or under torchrun
+    (`lmforge.load` in each rank), or load it in one process, which puts the shards back together.
     """
     import tempfile
 
@@ -140,7 +145,11 @@ def optimize(
     quantize = _quantize_options(quant, group_size, symmetric, quant_method, skip, overrides)
     if quantize and custom:
         raise LmforgeError("pass either quant=... or a pipeline with a quantize step, not both")
-    pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len, quantize)
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise LmforgeError(f"tp must be a whole number of ranks, 1 or more, got {tp!r}")
+    if tp > 1 and custom:
+        raise LmforgeError("pass either tp=... or a pipeline with a shard step, not both")
+    pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len, quantize, tp)
     PassManager(pipeline, instruments).run(ir)
     if ir.kv.dtype != target and (dtype is not None or not custom):  # a custom pipeline may choose the dtype
         raise LmforgeError(f"the pipeline left the graph in {ir.kv.dtype}, but dtype {dtype_name} was asked for; "
@@ -184,7 +193,9 @@ def _quantize_options(quant, group_size, symmetric, method, skip, overrides) -> 
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
-    """Load an artifact for inference: an `Engine` with `forward`, `generate` and `stream`."""
+    """Load an artifact for inference: an `Engine` with `forward`, `generate` and `stream`. Under torchrun (or
+    `lmforge run`), each rank gets its shard of a tensor-parallel artifact; a single process gets the whole
+    model."""
     from lmforge.runtime.engine import Engine
 
     return Engine.load(path, device=device, verify=verify)

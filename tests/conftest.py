@@ -128,3 +128,32 @@ def int4_float64(x, qweight, scales, zeros, group_size: int, bias=None) -> torch
 def random_ids(batch: int, seq: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(1, VOCAB, (batch, seq), generator=gen)
+
+
+def run_ranks(fn, tp: int) -> list:
+    """fn(rank) for every rank of a tensor-parallel group, one thread per rank, their collectives between the
+    threads (`ThreadCommunicator`); returns the results in rank order, re-raising the first failure."""
+    import threading
+
+    from lmforge.codegen.collectives import ThreadCommunicator, use_communicator
+
+    comms = ThreadCommunicator.group(tp)
+    results: list = [None] * tp
+    errors: list = []
+
+    def body(rank: int) -> None:
+        use_communicator(comms[rank])
+        try:
+            results[rank] = fn(rank)
+        except BaseException as e:  # noqa: BLE001  (handed to the caller)
+            errors.append(e)
+            comms[rank]._shared["barrier"].abort()  # the other ranks stop waiting for this one
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(tp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    if errors:
+        raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return results

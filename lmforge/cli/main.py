@@ -68,12 +68,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--skip", metavar="GLOBS", help="Layers kept in float, comma-separated globs [default: lm_head; '' for none].")
 @click.option("--override", "overrides", multiple=True, metavar="GLOB:SETTINGS",
               help="Per-layer settings, e.g. '*.down_proj:g32+sym', '*.layers.0.*:skip', 'lm_head:fp8' (repeatable).")
+@click.option("--tp", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Tensor-parallel ranks: shard the linear layers between this many processes.")
 @click.option("--pipeline", help='Pass pipeline, e.g. "remove-noops,dce,convert-dtype{dtype=bfloat16},constant-fold,dce".')
 @click.option("--print-after", multiple=True, metavar="PASS", help="Print the IR after this pass (repeatable; 'all' for every pass).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after every pass into this directory.")
 @click.pass_context
 def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetric, quant_method, skip, overrides,
-             pipeline, print_after, dump_ir):
+             tp, pipeline, print_after, dump_ir):
     """Capture MODEL, run the pass pipeline and write an artifact.
 
     MODEL is a local Hugging Face directory (from save_pretrained) or a hub id (when online); without it,
@@ -87,6 +89,7 @@ def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetri
       lmforge optimize -o demo-int4 --quant int4 --group-size 64
       lmforge optimize ./TinyLlama -o tl-int4 --quant int4 --skip 'lm_head,*.gate_proj' --override '*.down_proj:g32'
       lmforge optimize ./TinyLlama -o tl-fp8 --quant fp8
+      lmforge optimize ./TinyLlama -o tl-tp2 --tp 2 --quant int4     # then: lmforge run tl-tp2 -p "..."
     """
     import lmforge
     from lmforge.passes import Instruments
@@ -126,7 +129,7 @@ def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetri
 
         instruments.on_pipeline_start = lambda n: bar.update(task, total=len(stages) + n)
         instruments.on_pass_start = lambda name: begin(f"pass {name}")
-        art = lmforge.optimize(model, output, dtype=dtype, max_seq_len=max_seq_len, pipeline=pipeline,
+        art = lmforge.optimize(model, output, dtype=dtype, max_seq_len=max_seq_len, tp=tp, pipeline=pipeline,
                                instruments=instruments, progress=lambda stage: begin(stages.get(stage, stage)),
                                **quant_args)
         bar.advance(task)
@@ -139,6 +142,50 @@ def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetri
         click.echo(f"  {h['pass']:<36} {h['seconds'] * 1000:7.1f} ms  {h['nodes_before']:>5} -> {h['nodes_after']:<5} nodes  {stats}")
     for line in _quant_lines(m.get("quantization")):
         click.echo(line)
+    for line in _tp_lines(m.get("tensor_parallel")):
+        click.echo(line)
+
+
+def _spawn_ranks(artifact: Path, tp: int | None, device: str) -> bool:
+    """For a tensor-parallel run outside torchrun: start the ranks, each running this same command, and wait
+    for them (the process exits with their status). Inside a job: check its size, quieten ranks other than 0.
+    False when this process should go on and generate."""
+    import os
+
+    from lmforge.runtime.artifact import artifact_tp, read_manifest
+    from lmforge.runtime.launch import launch, under_launcher
+
+    want = tp or artifact_tp(read_manifest(artifact))
+    if under_launcher():
+        world = int(os.environ["WORLD_SIZE"])
+        if tp is not None and tp != world:
+            raise LmforgeError(f"--tp {tp} differs from the {world} processes this job was started with")
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the job
+        return False
+    if want == 1:
+        return False
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < want:
+            raise LmforgeError(f"tp={want} needs {want} GPUs, this machine has {torch.cuda.device_count()}")
+    elif "OMP_NUM_THREADS" not in os.environ:  # the ranks share the CPU cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // want))
+    sys.stdout.flush()
+    raise SystemExit(launch(_ARGV[0], want))
+
+
+def _tp_lines(tp: dict | None) -> list[str]:
+    """How the shard pass split the model, for people."""
+    if not tp:
+        return []
+    lines = [f"  tensor parallel: tp={tp['tp']}, {tp['sharded_weights']} weights sharded, "
+             f"{tp['all_reduces_per_step']} all-reduces per step, {tp['bytes_all_reduced_per_token']} bytes "
+             f"all-reduced and {tp['bytes_all_gathered_per_token']} gathered per token"]
+    for layer, reason in tp.get("replicated_layers", {}).items():
+        lines.append(f"    replicated {layer}: {reason}")
+    return lines
 
 
 def _quant_lines(q: dict | None) -> list[str]:
@@ -168,7 +215,8 @@ def _quant_lines(q: dict | None) -> list[str]:
 @click.option("--seed", type=int, help="Random seed for sampling.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--no-stream", is_flag=True, help="Print the text once finished instead of as it is generated.")
-def run(artifact, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, device, no_stream):
+@click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel ranks [default: the artifact's; other values reshard].")
+def run(artifact, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p, seed, device, no_stream, tp):
     """Generate text from ARTIFACT, streaming it to stdout.
 
     \b
@@ -176,6 +224,9 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p,
       lmforge run lmforge-demo --prompt "The for statement"
       lmforge run out -p "Once upon a time" -n 128 --temperature 0.8 --top-p 0.95 --seed 1
       lmforge run out --prompt-ids 1,17,42 -n 8
+      lmforge run tl-tp2 -p "Hello"              # a tp=2 artifact: starts 2 ranks; rank 0 prints
+      lmforge run tl-tp2 -p "Hello" --tp 1       # the same artifact in one process
+      torchrun --nproc-per-node 2 -m lmforge.cli.main run tl-tp2 -p "Hello"
     """
     import torch
 
@@ -186,6 +237,8 @@ def run(artifact, prompt, prompt_ids, max_new_tokens, temperature, top_k, top_p,
         raise click.UsageError("give either --prompt TEXT or --prompt-ids IDS")
     if prompt_ids is not None and not all(t.strip().isdigit() for t in prompt_ids.split(",")):
         raise click.BadParameter(f"expected comma-separated token ids, got {prompt_ids!r}", param_hint="'--prompt-ids'")
+    if _spawn_ranks(artifact, tp, device):
+        return
     eng = lmforge.load(artifact, device=device)
     sample = temperature is not None or top_k is not None or top_p is not None
     generator = None
@@ -248,6 +301,7 @@ def inspect(artifact, as_json, show_ir, context):
         "ops": ir.op_counts(),
         "attention": _attention_report(m.get("passes", [])),
         "quantization": m.get("quantization"),
+        "tensor_parallel": m.get("tensor_parallel"),
         "nodes": len(ir.graph.nodes),
         "params": ir.param_count(),
         "param_bytes": ir.param_bytes(),
@@ -264,10 +318,12 @@ def inspect(artifact, as_json, show_ir, context):
         return
     src = info["source"] or {}
     click.echo(f"{info['path']}: {src.get('model')} ({', '.join(src.get('architectures') or [])}), lmforge {info['lmforge_version']}, format v{info['format_version']}")
-    click.echo(f"  dtype {info['dtype']}, max_seq_len {info['max_seq_len']}, {info['params'] / 1e6:.2f}M params, {info['param_bytes'] / 1e6:.1f} MB of weights")
-    click.echo(f"  KV cache: {info['kv_layers']} layers, {info['kv_bytes_per_token']} bytes/token "
+    weights = "MB of weights on rank 0" if info["tensor_parallel"] else "MB of weights"
+    click.echo(f"  dtype {info['dtype']}, max_seq_len {info['max_seq_len']}, {info['params'] / 1e6:.2f}M params, {info['param_bytes'] / 1e6:.1f} {weights}")
+    per_rank = f" (each of {info['tensor_parallel']['tp']} ranks)" if info["tensor_parallel"] else ""
+    click.echo(f"  KV cache{per_rank}: {info['kv_layers']} layers, {info['kv_bytes_per_token']} bytes/token "
                f"({info['kv_bytes_per_token'] * info['max_seq_len'] / 1e6:.1f} MB per sequence at max_seq_len)")
-    click.echo(f"  FLOPs/token: {c.matmul_flops_per_token / 1e6:.1f} M in matmuls + {c.attention_flops_per_context_token} per context token "
+    click.echo(f"  FLOPs/token{per_rank}: {c.matmul_flops_per_token / 1e6:.1f} M in matmuls + {c.attention_flops_per_context_token} per context token "
                f"= {c.flops_per_token(context) / 1e6:.1f} M at context {context}")
     att = info["attention"]
     if att is not None:
@@ -275,6 +331,8 @@ def inspect(artifact, as_json, show_ir, context):
         for reason, count in att["unfused"].items():
             click.echo(f"    {count} unfused: {reason}")
     for line in _quant_lines(info["quantization"]):
+        click.echo(line)
+    for line in _tp_lines(info["tensor_parallel"]):
         click.echo(line)
     click.echo(f"  pipeline: {info['pipeline']}")
     for h in info["passes"]:
@@ -383,8 +441,19 @@ def evaluate(artifact, text_file, window, batch, max_tokens, device, as_json):
                f"of {path.name}, in {r.seconds:.1f} s")
 
 
+_ARGV: list[list[str]] = [[]]  # the command line, for `run` to hand to the ranks it starts
+
+
+def _rank_prefix() -> str:
+    import os
+
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE") else "0"
+    return f"rank {rank}: " if rank != "0" else ""
+
+
 def main(argv: list[str] | None = None) -> int:
-    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    _ARGV[0] = list(argv if argv is not None else sys.argv[1:])
+    debug = "--debug" in _ARGV[0]
     if not debug:  # deprecation notices from torch and transformers internals are not the user's business
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -394,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("aborted", err=True)
         return 130
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        if not _rank_prefix():
+            click.echo("interrupted", err=True)
         return 130
     except click.exceptions.ClickException as e:  # bad flags and arguments
         click.echo(f"error: {e.format_message()}", err=True)
@@ -402,13 +472,13 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"{_rank_prefix()}error: {e}", err=True)
         return 1
     except Exception as e:
         if debug:
             traceback.print_exc()
         detail = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"internal error: {type(e).__name__}: {detail} (run with --debug for the traceback)", err=True)
+        click.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {detail} (run with --debug for the traceback)", err=True)
         return 2
     return 0
 

@@ -20,6 +20,7 @@ weight had in the source model (and has in the artifact's safetensors).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,11 @@ class GraphIR:
     kind: str = "lm"
     # what the quantize pass did: {"scheme", "layers": {layer: scheme config}, "kept": {layer: reason}}
     quantization: dict[str, Any] = field(default_factory=dict)
+    # what the shard pass did: {"tp", "weights": {attr: how it was cut}, "replicated", "collectives"}; empty
+    # for a one-device graph (see passes/shard.py)
+    tensor_parallel: dict[str, Any] = field(default_factory=dict)
+    # a sharded graph's per-rank tensors of its sharded weights (the module holds rank 0's); not serialized
+    rank_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     @property
     def graph(self) -> fx.Graph:
@@ -119,12 +125,16 @@ class GraphIR:
             if name in ("lmforge.int4_linear.default", "lmforge.fp8_linear.default"):
                 packed.add(n.args[1].target)
                 parameters.update(a.target for a in n.args[2:4] if isinstance(a, fx.Node))
+        sharded = self.tensor_parallel.get("weights", {})  # count a sharded weight whole, not rank 0's slice
         count = 0
         for attr, t in weights.items():
+            if attr in sharded and self.weight_names.get(attr, "").endswith(".tp"):
+                continue  # the shard pass's own copy of a tied weight (its original stays, whole)
+            numel = math.prod(sharded[attr]["shape"]) if attr in sharded else t.numel()
             if attr in packed:
-                count += t.numel() * (2 if t.dtype == torch.uint8 else 1)
+                count += numel * (2 if t.dtype == torch.uint8 else 1)
             elif attr not in parameters:
-                count += t.numel()
+                count += numel
         return count
 
     def param_bytes(self) -> int:

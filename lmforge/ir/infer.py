@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ast
 import operator
-from typing import Callable
 from dataclasses import replace
+from typing import Callable
 
 import torch
 from torch import fx

@@ -6,8 +6,12 @@ Format `lmforge.graph`, version 1 (`graph.json`):
      "kv": {"dtype": "float32", "layers": [{"n_kv_heads": 2, "k_head_dim": 16, "v_head_dim": 16}, ...]},
      "weights": {"<attr>": {"name": "<source name, the safetensors key>", "kind": "parameter" | "buffer"}},
      "quantization": {"scheme": "int4", "layers": {"<layer>": {"scheme": ..., ...}}, "kept": {...}},  (if any)
+     "tensor_parallel": {"tp": 2, "weights": {"<attr>": {"axis", "shape", "ranks"}}, ...},  (if sharded)
      "nodes": [{"name": ..., "op": "placeholder" | "get_attr" | "call_function" | "output",
                 "target": ..., "args": [...], "kwargs": {...}, "spec": ...}, ...]}
+
+A sharded graph's nodes may also carry `"global": {"args", "kwargs", "spec"}` (the node before the shard
+pass changed it) and `"inserted": true` (the pass added it); `passes.shard.unshard` reads them.
 
 Values in args: JSON null/bool/int/str and lists as themselves; a float as a JSON number, or
 `{"float": "inf"}` when not finite; `{"node": name}`, `{"tuple": [...]}`, `{"dtype": "bfloat16"}`,
@@ -116,6 +120,12 @@ def graph_to_json(ir: GraphIR) -> dict[str, Any]:
             entry["kwargs"] = {k: _encode(v) for k, v in node.kwargs.items()}
         if node.op != "output":
             entry["spec"] = _encode_spec(node.meta.get("spec"))
+        if "tp_global" in node.meta:  # a sharded graph: what the node was before the shard pass
+            g = node.meta["tp_global"]
+            entry["global"] = {"args": [_encode(a) for a in g["args"]],
+                               "kwargs": {k: _encode(v) for k, v in g["kwargs"].items()}, "spec": _encode_spec(g["spec"])}
+        if node.meta.get("tp_inserted"):
+            entry["inserted"] = True
         nodes.append(entry)
     return {
         "format": FORMAT,
@@ -129,12 +139,18 @@ def graph_to_json(ir: GraphIR) -> dict[str, Any]:
         },
         "nodes": nodes,
         **({"quantization": ir.quantization} if ir.quantization else {}),
+        **({"tensor_parallel": ir.tensor_parallel} if ir.tensor_parallel else {}),
     }
 
 
-def weights_to_save(ir: GraphIR) -> dict[str, torch.Tensor]:
-    """Source name -> tensor, contiguous and unshared, ready for `safetensors.torch.save_file`."""
-    return {ir.weight_names.get(attr, attr): t.detach().contiguous().clone() for attr, t in ir.weights().items()}
+def weights_to_save(ir: GraphIR, rank: int | None = None) -> dict[str, torch.Tensor]:
+    """Source name -> tensor, contiguous and unshared, ready for `safetensors.torch.save_file`. For a sharded
+    graph: the replicated weights (rank None), or rank `rank`'s slices of the sharded ones."""
+    sharded = ir.tensor_parallel.get("weights", {})
+    if rank is not None:
+        return {ir.weight_names.get(attr, attr): t.detach().contiguous().clone() for attr, t in ir.rank_weights[rank].items()}
+    return {ir.weight_names.get(attr, attr): t.detach().contiguous().clone() for attr, t in ir.weights().items()
+            if attr not in sharded}
 
 
 # --- decoding ----------------------------------------------------------------------------------------
@@ -252,6 +268,13 @@ def graph_from_json(doc: dict[str, Any], weights: dict[str, torch.Tensor], confi
                 raise dec.fail(f"node {name!r} has unknown op {op!r}")
             node.name = name
             node.meta["spec"] = dec.spec(entry.get("spec"))
+            if "global" in entry:
+                g = entry["global"]
+                node.meta["tp_global"] = {"args": tuple(dec.value(a) for a in g.get("args", [])),
+                                          "kwargs": {k: dec.value(v) for k, v in g.get("kwargs", {}).items()},
+                                          "spec": dec.spec(g.get("spec"))}
+            if entry.get("inserted"):
+                node.meta["tp_inserted"] = True
             dec.nodes[name] = node
     except (KeyError, TypeError, ValueError) as e:
         raise dec.fail(f"malformed graph ({type(e).__name__}: {e})") from None
@@ -259,5 +282,8 @@ def graph_from_json(doc: dict[str, Any], weights: dict[str, torch.Tensor], confi
     quantization = doc.get("quantization") or {}
     if not isinstance(quantization, dict):
         raise dec.fail(f"malformed quantization entry {quantization!r}")
+    tensor_parallel = doc.get("tensor_parallel") or {}
+    if not isinstance(tensor_parallel, dict) or (tensor_parallel and not isinstance(tensor_parallel.get("tp"), int)):
+        raise dec.fail(f"malformed tensor_parallel entry {tensor_parallel!r}")
     return GraphIR(gm=gm, config=config, kv=kv, weight_names=weight_names, weight_kinds=weight_kinds,
-                   quantization=quantization)
+                   quantization=quantization, tensor_parallel=tensor_parallel)

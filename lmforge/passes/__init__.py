@@ -12,6 +12,7 @@ from lmforge.passes import (  # noqa: F401  (registration)
     fuse_rotary,
     quantize,
     remove_noops,
+    shard,
 )
 from lmforge.passes.manager import (
     Instruments,
@@ -28,10 +29,11 @@ __all__ = ["Instruments", "PassManager", "PassResult", "default_pipeline", "form
            "parse_pipeline", "register_pass", "registered_passes"]
 
 
-def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None, quant: str | None = None) -> str:
+def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None, quant: str | None = None,
+                     tp: int = 1) -> str:
     """cleanup -> fuse (attention) -> lower (quantize, dtype) -> fuse (norms and rotary, with the casts lowering
-    added) -> fold (and tabulate per-position work up to max_seq_len) -> cleanup. `quant` holds the quantize
-    pass's options, e.g. "scheme=int4,group_size=64"."""
+    added) -> fold (and tabulate per-position work up to max_seq_len) -> shard (tp > 1) -> cleanup. `quant`
+    holds the quantize pass's options, e.g. "scheme=int4,group_size=64"."""
     steps = ["remove-noops", "dce", "fuse-attention"]
     if quant:  # int4 scales are made in the compute dtype the graph is about to get
         dtype_option = f",dtype={dtype}" if dtype in ("bfloat16", "float16") else ""
@@ -40,5 +42,7 @@ def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None, q
         steps.append(f"convert-dtype{{dtype={dtype}}}")
     steps += ["fuse-rmsnorm", "fuse-rotary"]
     steps.append(f"constant-fold{{max_positions={max_seq_len}}}" if max_seq_len else "constant-fold")
+    if tp > 1:  # last: every rewrite before it works on the one-device graph
+        steps.append(f"shard{{tp={tp}}}")
     steps.append("dce")
     return ",".join(steps)

@@ -7,6 +7,10 @@
       model.safetensors    the weights, keyed by their source names; quantized layers as packed tensors
                            (`<layer>.qweight`, `.scales` and, for asymmetric int4, `.zeros`), their
                            layouts and per-layer settings in the manifest's "quantization"
+      model.rank<r>.safetensors   tensor-parallel artifacts (tp > 1) only: rank r's slices of the sharded
+                           weights; model.safetensors then holds the weights every rank reads whole.
+                           graph.json is the graph each rank runs, and the manifest's "tensor_parallel"
+                           says how every sharded weight was cut (see passes/shard.py)
       config.json          the source model's config, for tools
       tokenizer/           tokenizer.json (+ tokenizer_config.json, special_tokens_map.json), when known
 
@@ -94,6 +98,10 @@ def write_artifact(
     try:
         step("weights")
         save_file(weights_to_save(ir), str(tmp / WEIGHTS), metadata={"format": "pt"})  # one key: a stable header
+        tp = int(ir.tensor_parallel.get("tp", 1))
+        if tp > 1:
+            for r in range(tp):
+                save_file(weights_to_save(ir, r), str(tmp / rank_file(r)), metadata={"format": "pt"})
         step("graph")
         (tmp / GRAPH).write_text(json.dumps(graph_to_json(ir), separators=(",", ":")))
         (tmp / CONFIG).write_text(json.dumps(ir.config, indent=2, sort_keys=True, default=str))
@@ -125,6 +133,7 @@ def write_artifact(
             "param_bytes": ir.param_bytes(),
             "kv_bytes_per_token": ir.kv.bytes_per_token(),
             "quantization": _quantization_summary(ir),
+            "tensor_parallel": _tp_summary(ir),
             "tokenizer": tokenizer_info,
             "files": files,
         }
@@ -138,6 +147,30 @@ def write_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Artifact(out, manifest)
+
+
+def rank_file(rank: int) -> str:
+    return f"model.rank{rank}.safetensors"
+
+
+def artifact_tp(art: Artifact) -> int:
+    return int((art.manifest.get("tensor_parallel") or {}).get("tp", 1))
+
+
+def _tp_summary(ir: GraphIR) -> dict[str, Any] | None:
+    """The manifest's view of a sharded graph: tp, its files, what crosses the ranks per token."""
+    tp = ir.tensor_parallel
+    if not tp:
+        return None
+    elem = torch.empty((), dtype=ir.kv.dtype).element_size()
+    coll = tp.get("collectives", {})
+    reduce = coll.get("all_reduce", {})
+    gather = coll.get("all_gather", {})
+    return {"tp": tp["tp"], "files": [rank_file(r) for r in range(tp["tp"])],
+            "sharded_weights": len(tp.get("weights", {})), "replicated_layers": tp.get("replicated", {}),
+            "all_reduces_per_step": reduce.get("count", 0),
+            "bytes_all_reduced_per_token": reduce.get("elements_per_token", 0) * elem,
+            "bytes_all_gathered_per_token": gather.get("elements_per_token", 0) * elem * tp["tp"]}
 
 
 def _quantization_summary(ir: GraphIR) -> dict[str, Any] | None:
@@ -214,17 +247,31 @@ def verify_files(art: Artifact) -> None:
             raise ArtifactError(f"{art.path / MANIFEST} does not list {required}")
 
 
-def load_graph(art: Artifact, device: str | torch.device = "cpu") -> GraphIR:
-    """The artifact's `GraphIR`, with its weights on `device`."""
+def _read_weights(path: Path, device) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path} cannot be read: {e}") from None
+
+
+def load_graph(art: Artifact, device: str | torch.device = "cpu", tp: int | None = None, rank: int = 0) -> GraphIR:
+    """The artifact's `GraphIR` for rank `rank` of `tp` (default: the artifact's tp, rank 0), with its weights on
+    `device`. A tp other than the artifact's reshards: the ranks' slices are put back together, the graph
+    unsharded, and (for tp > 1) sharded again."""
     from lmforge.ir.serialize import graph_from_json
 
-    try:
-        weights = load_file(str(art.path / WEIGHTS), device=str(device))
-    except (SafetensorError, OSError) as e:
-        raise ArtifactError(f"{art.path / WEIGHTS} cannot be read: {e}") from None
+    saved = artifact_tp(art)
+    tp = saved if tp is None else tp
+    if not 0 <= rank < tp:
+        raise ArtifactError(f"rank {rank} is outside tp={tp}")
+    weights = _read_weights(art.path / WEIGHTS, device)
+    ranks = ([rank] if tp == saved else list(range(saved))) if saved > 1 else []
+    per_rank = [_read_weights(art.path / rank_file(r), device) for r in ranks]
+    for part in per_rank[:1]:
+        weights.update(part)
     try:
         doc = json.loads((art.path / GRAPH).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -238,4 +285,25 @@ def load_graph(art: Artifact, device: str | torch.device = "cpu") -> GraphIR:
     ir = graph_from_json(doc, weights, config, where=str(art.path / GRAPH))
     ir.source = art.manifest.get("source", {}).get("model", "")
     ir.history = list(art.manifest.get("passes", []))
+    if int(ir.tensor_parallel.get("tp", 1)) != saved:
+        raise ArtifactError(f"{art.path / GRAPH} is sharded for tp={ir.tensor_parallel.get('tp', 1)}, the manifest says {saved}")
+    if tp != saved:
+        ir = reshard(ir, per_rank, tp, rank)
+    return ir
+
+
+def reshard(ir: GraphIR, per_rank: list[dict[str, torch.Tensor]], tp: int, rank: int) -> GraphIR:
+    """`ir` (sharded for len(per_rank) ranks, or not at all) as rank `rank` of `tp`."""
+    from lmforge.passes import PassManager
+    from lmforge.passes.shard import assemble, for_rank, unshard
+
+    if ir.tensor_parallel:
+        cuts = ir.tensor_parallel["weights"]
+        by_attr = [{attr: part[ir.weight_names[attr]] for attr in cuts} for part in per_rank]
+        unshard(ir, assemble(cuts, by_attr))
+    if tp > 1:
+        history = list(ir.history)
+        PassManager(f"shard{{tp={tp}}}").run(ir)
+        ir.history = history + ir.history[-1:]
+        ir = for_rank(ir, rank)
     return ir

@@ -68,11 +68,16 @@ class Engine:
             cost = graph_cost(ir)
         self.cost = cost  # FLOPs per token, of the graph as the artifact holds it (before load-time rewrites)
         self.load_seconds: float | None = None  # Engine.load: reading, checking and preparing the artifact
+        self.tp, self.rank = int(ir.tensor_parallel.get("tp", 1)), 0  # tensor-parallel ranks; this one's
 
     # --- loading ---------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> "Engine":
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True, tp: int | None = None,
+             rank: int = 0) -> "Engine":
+        """Under torchrun or `lmforge run`, each rank loads its shard (resharding when the job's size differs
+        from the artifact's tp); a process on its own loads the whole model. `tp` and `rank` pick a shard
+        explicitly, for a caller that provides the collectives itself (`codegen.collectives`)."""
         import time
 
         started = time.perf_counter()
@@ -85,7 +90,16 @@ class Engine:
             verify_files(art)
         from lmforge.runtime.layout import apply_layout, choose_layout, prepare_quantized
 
-        ir = load_graph(art, device)
+        if tp is None:
+            from lmforge.runtime.distributed import join
+
+            job = join(device)
+            tp, rank = (job.world_size, job.rank) if job else (1, 0)
+            if job and device.type == "cuda":
+                device = torch.device("cuda", job.local_rank)
+        if tp < 1:
+            raise ArtifactError(f"tp must be 1 or more, got {tp}")
+        ir = load_graph(art, device, tp=tp, rank=rank)
         if device.type != "cpu":
             _retarget(ir, device)
         from lmforge.ir.analysis import cost
@@ -107,6 +121,7 @@ class Engine:
             except Exception as e:  # tokenizers raises its own Exception type
                 raise ArtifactError(f"{tok_file} cannot be read: {str(e).splitlines()[0]}") from None
         engine = cls(ir, art.max_seq_len, device, art, tokenizer, weight_layout=layout, cost=graph_cost)
+        engine.rank = rank
         engine.load_seconds = time.perf_counter() - started
         return engine
 
@@ -211,6 +226,10 @@ class Engine:
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             token = next_token(logits, sampling, generator)
+            if self.tp > 1 and sampling.do_sample:  # every rank continues with rank 0's draw
+                from lmforge.codegen.collectives import communicator
+
+                token = communicator().broadcast(token)
             if eos is not None:
                 token = torch.where(done, torch.full_like(token, self.pad_token_id), token)
                 done |= token == eos

@@ -135,6 +135,10 @@ def test_bench_json(demo):
     (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "int4", "--quant-method", "hqq", "--symmetric"], "error: int4 method 'hqq' optimises zero points, so it is asymmetric only"),
     (["eval", "{demo}", "--text", "{tmp}/none.txt"], "error: Invalid value for '--text'"),
     (["eval", "{demo}", "--window", "100000"], "error: window must be between 2 and the artifact's max_seq_len"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--tp", "3"], "shard: tp=3 does not divide the 4 heads of 16 of model.layers.0.self_attn.q_proj"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--tp", "0"], "error: Invalid value for '--tp'"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--tp", "2", "--pipeline", "dce"], "error: pass either tp=... or a pipeline with a shard step"),
+    (["run", "{demo}", "-p", "hi", "--tp", "0"], "error: Invalid value for '--tp'"),
 ])
 def test_bad_input_is_one_line(args, message, demo, hf_dir, tmp_path):
     from transformers import T5Config
@@ -223,3 +227,18 @@ def test_bad_kernel_setting_is_one_line(monkeypatch, demo, env, message):
         monkeypatch.setenv(key, value)
     code, stdout, stderr = invoke("run", str(demo), "-p", "x", "-n", "2")
     assert code != 0 and stderr.strip() == message and stdout == ""
+
+
+def test_tensor_parallel_optimize_inspect_and_one_process_run(demo, tmp_path):
+    out = tmp_path / "tp2"
+    code, stdout, stderr = invoke("optimize", "-o", str(out), "--tp", "2")
+    assert code == 0, stderr
+    assert "tensor parallel: tp=2, 29 weights sharded, 8 all-reduces per step, 4096 bytes all-reduced" in stdout
+    code, stdout, _ = invoke("inspect", str(out))
+    assert code == 0 and "4096 bytes all-reduced" in stdout and "KV cache (each of 2 ranks)" in stdout
+    info = json.loads(invoke("inspect", str(out), "--json")[1])
+    assert info["tensor_parallel"]["files"] == ["model.rank0.safetensors", "model.rank1.safetensors"]
+    # --tp 1: this process alone, the shards merged; greedy text equals the one-device artifact's
+    code, merged, stderr = invoke("run", str(out), "-p", "The for statement", "-n", "12", "--tp", "1")
+    assert code == 0, stderr
+    assert merged == invoke("run", str(demo), "-p", "The for statement", "-n", "12")[1]
