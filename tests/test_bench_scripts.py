@@ -24,3 +24,14 @@ def test_gpu_bench_smoke(script, kinds):
     assert len(rows) == 4
     for row in rows:  # bf16 outputs against SDPA, or against the float32 reference
         assert float(row.rstrip(" |").split("|")[-1]) < 5e-2, row
+
+
+def test_tp_bench_smoke():
+    """bench/tp.py on a tiny model: tp 1 in process, tp 2 as two gloo ranks; one table row each."""
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "tp.py"), "--small", "--new-tokens", "4",
+                             "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(("| 1 ", "| 2 "))]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    assert float(rows[1][4].strip().rstrip(" %")) > 0  # tp 2 spends time in collectives
+    assert int(rows[1][5]) == 4  # two all-reduces per layer
