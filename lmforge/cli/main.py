@@ -32,7 +32,7 @@ def _quiet_transformers() -> None:
 def _console():
     from rich.console import Console
 
-    return Console(stderr=True)
+    return Console(stderr=True, quiet=bool(_rank_prefix()))  # in a tensor-parallel job, rank 0 reports
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -361,7 +361,8 @@ def _attention_report(passes: list[dict]) -> dict | None:
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed runs (the best is kept).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def bench(artifact, batch, prompt_len, new_tokens, repeats, device, as_json):
+@click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel ranks [default: the artifact's; other values reshard].")
+def bench(artifact, batch, prompt_len, new_tokens, repeats, device, as_json, tp):
     """Time prefill and decode of ARTIFACT on random prompts.
 
     Reports TTFT, TPOT, tokens/s, and the share of this machine's measured memory bandwidth (MBU) and
@@ -371,10 +372,13 @@ def bench(artifact, batch, prompt_len, new_tokens, repeats, device, as_json):
     Examples:
       lmforge bench lmforge-demo
       lmforge bench out --batch 8 --prompt-len 128 --new-tokens 128 --json
+      lmforge bench out-tp2                       # a tp=2 artifact: 2 ranks, rank 0 reports
     """
     import lmforge
     from lmforge.runtime.measure import bench_engine
 
+    if _spawn_ranks(artifact, tp, device):
+        return
     eng = lmforge.load(artifact, device=device)
     with _console().status("benchmarking"):
         r = bench_engine(eng, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, repeats=repeats)
@@ -383,8 +387,9 @@ def bench(artifact, batch, prompt_len, new_tokens, repeats, device, as_json):
         click.echo(json.dumps(r.as_dict(), indent=2))
         return
     scheme = (eng.artifact.manifest.get("quantization") or {}).get("scheme")
+    ranks = f", tp={eng.tp} (rank 0's figures; MBU and MFU of its share of the weights)" if eng.tp > 1 else ""
     click.echo(f"batch {batch}, prompt {prompt_len}, new tokens {new_tokens}, {eng.ir.kv.dtype}"
-               f"{f' + {scheme} weights' if scheme else ''}, {device}")
+               f"{f' + {scheme} weights' if scheme else ''}, {device}{ranks}")
     click.echo(f"  load          {r.load_s * 1000:9.1f} ms")
     click.echo(f"  TTFT          {r.ttft_s * 1000:9.2f} ms")
     click.echo(f"  TPOT          {r.tpot_s * 1000:9.2f} ms")
@@ -404,7 +409,8 @@ def bench(artifact, batch, prompt_len, new_tokens, repeats, device, as_json):
 @click.option("--max-tokens", type=click.IntRange(min=2), help="Score only the first N tokens of the text.")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(artifact, text_file, window, batch, max_tokens, device, as_json):
+@click.option("--tp", type=click.IntRange(min=1), help="Tensor-parallel ranks [default: the artifact's; other values reshard].")
+def evaluate(artifact, text_file, window, batch, max_tokens, device, as_json, tp):
     """Perplexity of ARTIFACT on a text (lower is better).
 
     The text is cut into non-overlapping windows of --window tokens; perplexity is exp of the mean
@@ -419,6 +425,8 @@ def evaluate(artifact, text_file, window, batch, max_tokens, device, as_json):
     import lmforge
     from lmforge.runtime.evaluate import default_text, perplexity
 
+    if _spawn_ranks(artifact, tp, device):
+        return
     path = text_file or default_text()
     try:
         text = path.read_text(encoding="utf-8")

@@ -117,7 +117,8 @@ def as_linear(ir: GraphIR, node: fx.Node) -> Linear | None:
         return None
     if t is aten.linear.default and _is_weight(ir, node.args[1]):
         return Linear(node, 0, [(1, 0, 1, "col")], 2)
-    if t is aten.mm.default and _is_weight(ir, node.args[1]):
+    if t in (aten.mm.default, aten.matmul.default) and _is_weight(ir, node.args[1]) and ir.weight(
+            node.args[1].target).dim() == 2:
         return Linear(node, 0, [(1, 1, 0, "col")], None)
     if t is aten.addmm.default and _is_weight(ir, node.args[2]) and not node.kwargs:
         return Linear(node, 1, [(2, 1, 0, "col")], 0)
@@ -244,9 +245,7 @@ class _Planner:
         self.caches: dict[fx.Node, Sharded] = {}
         self.views: dict[fx.Node, tuple[int, int]] = {}  # reshape -> (out axis, local size)
         self.splits: dict[fx.Node, list[int]] = {}  # split along the sharded axis -> local piece sizes
-        from lmforge.passes.quantize import _final_projection
-
-        self.final = _final_projection(ir)
+        self.slices: dict[fx.Node, tuple[int, int]] = {}  # slice of the sharded axis -> local start, end
 
     # -- propagation --
 
@@ -326,6 +325,17 @@ class _Planner:
                 self.place[node] = Sharded(s.axis + (d <= s.axis), s.idx, s.roots)
             elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
                 self._split(node, fail)
+            elif node.target is aten.slice.Tensor:
+                self._slice(node, fail)
+            elif node.target is aten.cat.default:
+                parts = [self._get(a) for a in node.args[0]]
+                rank = len(node.meta["spec"].shape)
+                dim = (node.args[1] if len(node.args) > 1 else 0) % rank
+                first = parts[0]
+                if not all(isinstance(p, Sharded) and p.axis == first.axis and p.same_layout(first) for p in parts) or (
+                        dim == first.axis):
+                    fail("a concatenation of differently sharded parts, or along the sharded axis")
+                self.place[node] = first
             elif node.target is aten.sym_size.int:
                 if node.args[1] % len(node.args[0].meta["spec"].shape) == self._get(node.args[0]).axis:
                     fail("the size of the sharded axis is read")
@@ -355,7 +365,7 @@ class _Planner:
                 picks = [range(r * per, (r + 1) * per) for r in range(self.tp)]
             elif self.tp % count == 0 and unit > 1:
                 picks = [range(r * count // self.tp, r * count // self.tp + 1) for r in range(self.tp)]
-            elif lin.node is self.final and len(segments) == 1 and unit == 1:
+            elif len(segments) == 1 and unit == 1 and _reaches_output(lin.node):
                 per = -(-count // self.tp)  # padded: the logits are gathered and cut back to count
                 picks = [range(r * per, (r + 1) * per) for r in range(self.tp)]
             else:
@@ -387,6 +397,10 @@ class _Planner:
                 elif user.target in ELEMENTWISE or (user.target in VIEWS and outs and ins[-1] == outs[-1]):
                     if user.target in VIEWS or user.args[0] is node:
                         frontier.append((user, start, stop))
+                elif user.target is aten.slice.Tensor and outs and _slice_dim(user, len(ins)) == len(ins) - 1:
+                    lo, hi = _slice_range(user, ins[-1])
+                    segments.append((start + lo, start + hi))
+                    frontier.append((user, start + lo, start + hi))
                 elif user.target in (aten.split.Tensor, aten.split_with_sizes.default) and user.args[2] % len(
                         ins) == len(ins) - 1:
                     sizes = [s.shape[-1] for s in user.meta["spec"]]
@@ -475,6 +489,31 @@ class _Planner:
             fail("the split's pieces would differ in size")
         self.splits[node] = local
         self.place[node] = tuple(out)
+
+    def _slice(self, node: fx.Node, fail) -> None:
+        s = self._get(node.args[0])
+        shape = node.args[0].meta["spec"].shape
+        dim = _slice_dim(node, len(shape))
+        if dim != s.axis:
+            self.place[node] = s
+            return
+        if (node.args[4] if len(node.args) > 4 else 1) != 1 or not isinstance(shape[dim], int):
+            fail("a strided slice of the sharded axis")
+        lo, hi = _slice_range(node, shape[dim])
+        new, bounds = [], set()
+        for idx in s.idx:
+            inside = (idx >= lo) & (idx < hi)
+            where = torch.nonzero(inside).flatten()
+            if len(where) and not torch.equal(where, torch.arange(int(where[0]), int(where[0]) + len(where))):
+                fail("a rank's slice is not contiguous in the sliced range")
+            first = int(where[0]) if len(where) else 0
+            bounds.add((first, first + len(where)))
+            new.append(idx[inside] - lo)
+        if len(bounds) != 1 or not len(new[0]):
+            fail("ranks would slice different local ranges")
+        (a, b), = bounds
+        self.slices[node] = (a, b)
+        self.place[node] = Sharded(s.axis, tuple(new), s.roots)
 
     def _attention(self, node: fx.Node, fail) -> None:
         q, k, v = (self._get(a) for a in node.args[:3])
@@ -607,8 +646,14 @@ class _Planner:
             size_arg = local[0] if node.target is aten.split.Tensor else local
             node.args = (node.args[0], size_arg, *node.args[2:])
             node.meta["spec"] = tuple(_local_spec(p, s.axis, n) for p, n in zip(node.meta["spec"], local))
+        for node, (a, b) in self.slices.items():
+            remember(node)
+            args = list(node.args) + [None] * (4 - len(node.args))
+            args[2], args[3] = a, b
+            node.args = tuple(args[:max(4, len(node.args))])
+            node.meta["spec"] = _local_spec(node.meta["spec"], self.place[node].axis, b - a)
         for node, p in self.place.items():  # every other sharded value gets its local shape
-            if node in self.column or node in self.views or node in self.splits:
+            if node in self.column or node in self.views or node in self.splits or node in self.slices:
                 continue
             spec = node.meta.get("spec")
             if isinstance(p, Sharded) and isinstance(spec, TensorSpec) and spec.shape[p.axis] != p.local:
@@ -656,6 +701,32 @@ class _Planner:
         ir.rank_weights = rank_weights
         stats["all-reduces"] = len(collectives["all_reduce"])
         return stats
+
+
+def _slice_dim(node: fx.Node, rank: int) -> int:
+    return (node.args[1] if len(node.args) > 1 else 0) % rank
+
+
+def _slice_range(node: fx.Node, size: int) -> tuple[int, int]:
+    """[start, end) of `aten.slice.Tensor` along its axis of `size`, with Python's clamping of negatives."""
+    start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+    end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else size
+    start, end = (v + size if v < 0 else v for v in (start, end))
+    return max(0, min(start, size)), max(0, min(end, size))
+
+
+def _reaches_output(node: fx.Node) -> bool:
+    """Whether the graph returns something computed from `node` (the logits' projection does)."""
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n.op == "output":
+            return True
+        for u in n.users:
+            if u not in seen:
+                seen.add(u)
+                todo.append(u)
+    return False
 
 
 def _per_token_numel(spec: TensorSpec) -> int:

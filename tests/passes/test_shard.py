@@ -211,3 +211,23 @@ def test_unshardable_use_keeps_its_layers_replicated():
     ids = random_ids(2, 6)
     for got in _run_sharded(ir, ids, 2):
         torch.testing.assert_close(got, _logits(whole, ids), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma", "gemma2", "qwen3", "gpt_neox", "opt", "falcon", "phi"])
+def test_more_families_match_hf(family):
+    """Fused q/k/v cut by slices (Phi-3) or by heads (GPT-NeoX), partial rotary (Phi), q/k norms (Qwen3), OPT's
+    biases and Falcon's `x @ W.T` all shard; attention that fuse-attention leaves unfused (Gemma 2's
+    softcapping) and Falcon's multi-query q/k/v, sliced by heads, stay replicated, with the reason."""
+    from tests.ir.test_capture_archs import build_family
+
+    model = build_family(family)
+    ir = capture(model)
+    PassManager(default_pipeline(None, 64) + ",shard{tp=2}").run(ir)
+    ids = random_ids(1, 6)
+    with torch.no_grad():
+        expected = model(ids).logits
+    for got in _run_sharded(ir, ids, 2):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    replicated = ir.tensor_parallel["replicated"]
+    assert bool(replicated) == (family in ("gemma2", "falcon")), replicated
+    assert ir.history[-1]["stats"]["row-layers"] >= 2
