@@ -112,6 +112,10 @@ def optimize(
     from lmforge.runtime.artifact import write_artifact
 
     import_torchao_quietly()  # before transformers imports it, noisily
+    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
+        raise LmforgeError(f"tp must be a whole number of ranks, 1 or more, got {tp!r}")
+    if tp > 1 and pipeline is not None:
+        raise LmforgeError("pass either tp=... or a pipeline with a shard step, not both")
     step = progress or (lambda _: None)
     target = _dtype_arg(dtype)
     source: str | None
@@ -145,10 +149,6 @@ def optimize(
     quantize = _quantize_options(quant, group_size, symmetric, quant_method, skip, overrides)
     if quantize and custom:
         raise LmforgeError("pass either quant=... or a pipeline with a quantize step, not both")
-    if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
-        raise LmforgeError(f"tp must be a whole number of ranks, 1 or more, got {tp!r}")
-    if tp > 1 and custom:
-        raise LmforgeError("pass either tp=... or a pipeline with a shard step, not both")
     pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len, quantize, tp)
     PassManager(pipeline, instruments).run(ir)
     if ir.kv.dtype != target and (dtype is not None or not custom):  # a custom pipeline may choose the dtype
