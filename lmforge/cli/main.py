@@ -173,7 +173,15 @@ def _spawn_ranks(artifact: Path, tp: int | None, device: str) -> bool:
     elif "OMP_NUM_THREADS" not in os.environ:  # the ranks share the CPU cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // want))
     sys.stdout.flush()
-    raise SystemExit(launch(_ARGV[0], want))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-ranks-") as errors:
+        os.environ[ERROR_DIR] = errors
+        code = launch(_ARGV[0], want)
+        reports = sorted(Path(errors).glob("rank*"), key=lambda f: int(f.name[4:]))
+        if code != 0 and reports and reports[0].name != "rank0":  # rank 0 said nothing: say what rank N said
+            click.echo(reports[0].read_text(), err=True)
+    raise SystemExit(code)
 
 
 def _tp_lines(tp: dict | None) -> list[str]:
@@ -450,6 +458,21 @@ def evaluate(artifact, text_file, window, batch, max_tokens, device, as_json, tp
 
 
 _ARGV: list[list[str]] = [[]]  # the command line, for `run` to hand to the ranks it starts
+ERROR_DIR = "LMFORGE_ERROR_DIR"  # where the ranks `lmforge` started leave their error lines
+
+
+def _report(line: str) -> None:
+    """Print an error line; in a job `lmforge` started, every rank also leaves it for the launcher, and only
+    rank 0 prints it (the launcher prints another rank's when rank 0 has none: one line, not one per rank)."""
+    import os
+
+    rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE") else "0"
+    where = os.environ.get(ERROR_DIR)
+    if where and os.path.isdir(where):
+        Path(where, f"rank{rank}").write_text(line)
+        if rank != "0":
+            return
+    click.echo(f"{_rank_prefix()}{line}", err=True)
 
 
 def _rank_prefix() -> str:
@@ -480,13 +503,13 @@ def main(argv: list[str] | None = None) -> int:
     except LmforgeError as e:
         if debug:
             traceback.print_exc()
-        click.echo(f"{_rank_prefix()}error: {e}", err=True)
+        _report(f"error: {e}")
         return 1
     except Exception as e:
         if debug:
             traceback.print_exc()
         detail = str(e).splitlines()[0] if str(e) else ""
-        click.echo(f"{_rank_prefix()}internal error: {type(e).__name__}: {detail} (run with --debug for the traceback)", err=True)
+        _report(f"internal error: {type(e).__name__}: {detail} (run with --debug for the traceback)")
         return 2
     return 0
 

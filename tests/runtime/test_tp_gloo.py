@@ -140,3 +140,12 @@ def test_a_dead_rank_or_ctrl_c_ends_the_run(tp2_artifacts, tmp_path, how):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_an_error_in_every_rank_is_one_line(tp2_artifacts, tmp_path):
+    _, paths = tp2_artifacts  # 4 query heads: 3 ranks cannot split them; each rank finds out, one line says so
+    result = subprocess.run([sys.executable, "-m", "lmforge.cli.main", "run", str(paths["qwen2"]), "--prompt-ids",
+                             "1,2", "--tp", "3"], capture_output=True, text=True, timeout=180, env=_env(tmp_path))
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "tp=3 does not divide the 4 heads" in lines[0], lines
