@@ -60,7 +60,7 @@ ELEMENTWISE = {
     aten.neg.default, aten.exp.default, aten.rsqrt.default, aten.sqrt.default, aten.erf.default,
     aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
     aten.div.Tensor, aten.div.Scalar, aten.pow.Tensor_Scalar, aten._to_copy.default, aten.clone.default,
-    aten.contiguous.default, aten.alias.default, aten.detach.default, aten.gelu_backward.default, rotary,
+    aten.contiguous.default, aten.alias.default, aten.detach.default, rotary,
 }
 VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 
@@ -175,6 +175,8 @@ def _map_view(ins: tuple, outs: tuple, s: Sharded) -> tuple[int, tuple[torch.Ten
             if not torch.equal(idx, (out[:, None] * f + torch.arange(f)).flatten()):
                 return "a rank's slice does not hold whole blocks of the reshaped axis"
         else:
+            if inner % u:
+                return "the reshape splits the axes after the sharded one unevenly"
             m = inner // u
             out = (idx[:, None] * m + torch.arange(m)).flatten()
         new.append(out)
