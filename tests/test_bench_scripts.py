@@ -34,4 +34,4 @@ def test_tp_bench_smoke():
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(("| 1 ", "| 2 "))]
     assert [int(r[0]) for r in rows] == [1, 2]
     assert float(rows[1][4].strip().rstrip(" %")) > 0  # tp 2 spends time in collectives
-    assert int(rows[1][5]) == 4  # two all-reduces per layer
+    assert int(rows[1][5]) == 5  # two all-reduces per layer, one for the vocab-parallel embeddings

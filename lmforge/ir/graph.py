@@ -128,8 +128,9 @@ class GraphIR:
         sharded = self.tensor_parallel.get("weights", {})  # count a sharded weight whole, not rank 0's slice
         count = 0
         for attr, t in weights.items():
-            if attr in sharded and self.weight_names.get(attr, "").endswith(".tp"):
-                continue  # the shard pass's own copy of a tied weight (its original stays, whole)
+            name = self.weight_names.get(attr, "")
+            if attr in sharded and (name.endswith(".tp") or name.endswith(".tp_start")):
+                continue  # the shard pass's copy of a tied weight (its original stays, whole), its row offsets
             numel = math.prod(sharded[attr]["shape"]) if attr in sharded else t.numel()
             if attr in packed:
                 count += numel * (2 if t.dtype == torch.uint8 else 1)

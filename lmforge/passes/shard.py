@@ -9,7 +9,10 @@ The rewrite gives every rank the same graph over its own slice of the weights:
                      if any, is added once, after the all-reduce)
     final projection column-parallel, its vocabulary padded to a multiple of N; `lmforge.all_gather`
                      puts the logits back together (and a slice drops the padding)
-    everything else  replicated: embeddings, norms on the residual stream, the residual adds
+    token embeddings vocab-parallel: each rank holds a slice of the table's rows (the same slice as a tied
+                     final projection), looks up the ids in it, zeroes the others, and an all-reduce adds
+                     the ranks' lookups up (rank r's first row is a per-rank constant, `<table>.tp_start`)
+    everything else  replicated: position tables, norms on the residual stream, the residual adds
 
 Which layers are which follows from propagating placements (replicated, or sharded along one axis with a
 known set of global indices per rank) through the graph in order: views and transposes move the sharded
@@ -245,6 +248,7 @@ class _Planner:
         self.column: dict[fx.Node, Sharded] = {}  # column layers -> their output layout
         self.row: dict[fx.Node, Sharded] = {}  # row layers -> their input layout
         self.caches: dict[fx.Node, Sharded] = {}
+        self.embeddings: dict[fx.Node, tuple[torch.Tensor, ...]] = {}  # token lookups -> each rank's table rows
         self.views: dict[fx.Node, tuple[int, int]] = {}  # reshape -> (out axis, local size)
         self.splits: dict[fx.Node, list[int]] = {}  # split along the sharded axis -> local piece sizes
         self.slices: dict[fx.Node, tuple[int, int]] = {}  # slice of the sharded axis -> local start, end
@@ -276,6 +280,11 @@ class _Planner:
                 continue
             ins = self._sharded_inputs(node)
             lin = as_linear(self.ir, node)
+            if node.target is aten.embedding.default and self._token_table(node):
+                rows = self.ir.weight(node.args[0].target).shape[0]
+                per = -(-rows // self.tp)  # padded, like the logits' projection, which may share the table
+                self.embeddings[node] = tuple(torch.arange(r * per, (r + 1) * per) for r in range(self.tp))
+                continue
             if lin is not None and not isinstance(self._get(lin.x), Sharded) and not any(
                     isinstance(self._get(a), Sharded) for a in node.all_input_nodes):
                 if node not in self.replicated:
@@ -352,6 +361,13 @@ class _Planner:
                 self._attention(node, fail)
             else:
                 fail("the op has no sharding rule")
+
+    def _token_table(self, node: fx.Node) -> bool:
+        """A lookup of the input ids in a trained table: the token embeddings, which shard by vocabulary rows."""
+        table, ids = node.args[0], node.args[1]
+        return (isinstance(table, fx.Node) and table.op == "get_attr" and self.ir.weight_kind(table.target) == "parameter"
+                and self.ir.weight(table.target).dim() == 2 and isinstance(ids, fx.Node) and ids.op == "placeholder"
+                and ids.name == "input_ids" and not node.kwargs and len(node.args) <= 3)  # (padding_idx: backward only)
 
     def _plan_column(self, lin: Linear) -> Sharded:
         """The output layout of a column layer: its features cut per rank, in whole heads and per split piece."""
@@ -585,6 +601,9 @@ class _Planner:
                 fresh = graph.get_attr(new)
             fresh.meta["spec"] = TensorSpec(tuple(rank_weights[0][new].shape), rank_weights[0][new].dtype)
             fresh.meta["tp_inserted"] = True
+            if "tp_global" in user.meta:  # unsharded, the new attribute holds the whole weight: read it there too
+                g = user.meta["tp_global"]
+                g["args"] = tuple(fresh if a is get else a for a in g["args"])
             return fresh
 
         def weight_idx(unit: str, idx: tuple[torch.Tensor, ...], group: int) -> tuple[torch.Tensor, ...]:
@@ -665,6 +684,9 @@ class _Planner:
                 remember(node)
                 node.meta["spec"] = tuple(_local_spec(q, x.axis, x.local) if isinstance(x, Sharded) else q
                                           for q, x in zip(spec, p))
+        for node, idx in self.embeddings.items():
+            self._vocab_parallel(node, idx, cut, remember, rank_weights, cuts)
+            collectives["all_reduce"].append(_per_token_numel(node.meta["spec"]))
         layers = list(ir.kv.layers)
         for cache, s in self.caches.items():
             remember(cache)
@@ -694,6 +716,10 @@ class _Planner:
         for r in range(tp):
             rank_weights[r] = {a: t for a, t in rank_weights[r].items() if a in cuts and hasattr(ir.gm, a)}
         cuts = {a: c for a, c in cuts.items() if hasattr(ir.gm, a)}
+        for attr in cuts:  # a copy made for a tied weight whose original no reader kept takes the original's name
+            name = ir.weight_names.get(attr, "")
+            if name.endswith(".tp") and name[:-3] not in ir.weight_names.values():
+                ir.weight_names[attr] = name[:-3]
         ir.tensor_parallel = {
             "tp": tp,
             "weights": cuts,
@@ -703,6 +729,54 @@ class _Planner:
         ir.rank_weights = rank_weights
         stats["all-reduces"] = len(collectives["all_reduce"])
         return stats
+
+
+    def _vocab_parallel(self, node: fx.Node, idx, cut, remember, rank_weights, cuts) -> None:
+        """embedding(W, ids) -> all_reduce(embedding(W_r, clamp(ids - start_r)) * (ids in W_r's rows)): each rank
+        looks up the ids its slice of the table holds and contributes zeros for the others."""
+        ir, graph, tp = self.ir, self.ir.graph, self.tp
+        table, ids, *rest = node.args
+        per = len(idx[0])
+        users = list(node.users)
+        remember(node)
+        local_table = cut(table, 0, idx, node)
+        start = ir.unique_attr(f"{table.target}_tp_start")  # each rank's first row: a per-rank constant
+        for r in range(tp):
+            rank_weights[r][start] = torch.tensor([r * per])
+        ir.set_weight(start, rank_weights[0][start], source_name=f"{ir.weight_names.get(table.target, table.target)}"
+                      f".tp_start", kind="buffer")
+        cuts[start] = {"axis": 0, "shape": [tp], "ranks": [[[r, r + 1]] for r in range(tp)]}
+        ids_spec = ids.meta["spec"]
+        mask_spec = replace(ids_spec, dtype=torch.bool)
+        with graph.inserting_before(node):
+            steps = []
+
+            def add(target, args, spec):
+                n = graph.call_function(target, args)
+                n.meta["spec"], n.meta["tp_inserted"] = spec, True
+                steps.append(n)
+                return n
+
+            first = graph.get_attr(start)
+            first.meta["spec"], first.meta["tp_inserted"] = TensorSpec((1,), torch.int64), True
+            local = add(aten.sub.Tensor, (ids, first), ids_spec)
+            low = add(aten.ge.Scalar, (local, 0), mask_spec)
+            high = add(aten.lt.Scalar, (local, per), mask_spec)
+            mine = add(aten.bitwise_and.Tensor, (low, high), mask_spec)
+            safe = add(aten.clamp.default, (local, 0, per - 1), ids_spec)
+        node.args = (local_table, safe, *rest)
+        spec = node.meta["spec"]
+        with graph.inserting_after(node):
+            keep = graph.call_function(aten.unsqueeze.default, (mine, -1))
+        keep.meta["spec"], keep.meta["tp_inserted"] = replace(mask_spec, shape=(*mask_spec.shape, 1)), True
+        with graph.inserting_after(keep):
+            masked = graph.call_function(aten.mul.Tensor, (node, keep))
+        masked.meta["spec"], masked.meta["tp_inserted"] = spec, True
+        with graph.inserting_after(masked):
+            reduced = graph.call_function(all_reduce, (masked, tp))
+        reduced.meta["spec"], reduced.meta["tp_inserted"] = spec, True
+        for u in users:
+            u.replace_input_with(node, reduced)
 
 
 def _slice_dim(node: fx.Node, rank: int) -> int:

@@ -233,9 +233,10 @@ def test_tensor_parallel_optimize_inspect_and_one_process_run(demo, tmp_path):
     out = tmp_path / "tp2"
     code, stdout, stderr = invoke("optimize", "-o", str(out), "--tp", "2")
     assert code == 0, stderr
-    assert "tensor parallel: tp=2, 29 weights sharded, 8 all-reduces per step, 4096 bytes all-reduced" in stdout
+    # per step: 4 layers x (attention output + MLP down) + the vocab-parallel embeddings; 256 bf16 values each
+    assert "tensor parallel: tp=2, 30 weights sharded, 9 all-reduces per step, 4608 bytes all-reduced" in stdout
     code, stdout, _ = invoke("inspect", str(out))
-    assert code == 0 and "4096 bytes all-reduced" in stdout and "KV cache (each of 2 ranks)" in stdout
+    assert code == 0 and "4608 bytes all-reduced" in stdout and "KV cache (each of 2 ranks)" in stdout
     info = json.loads(invoke("inspect", str(out), "--json")[1])
     assert info["tensor_parallel"]["files"] == ["model.rank0.safetensors", "model.rank1.safetensors"]
     # --tp 1: this process alone, the shards merged; greedy text equals the one-device artifact's

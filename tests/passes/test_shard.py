@@ -107,7 +107,11 @@ def test_llama_ir_column_row_and_collectives():
         torch.testing.assert_close(_weight(ir, down, r), w[down][:, r * 56:(r + 1) * 56])
     assert _weight(ir, "model.norm.weight").shape == (64,)  # replicated
     ops = [n.target for n in ir.graph.nodes if n.op == "call_function"]
-    assert ops.count(all_reduce) == 4 and ops.count(all_gather) == 1  # after o_proj and down_proj; the logits
+    assert ops.count(all_reduce) == 5 and ops.count(all_gather) == 1  # embeddings, o_proj, down_proj; the logits
+    table = "model.embed_tokens.weight"  # vocab-parallel: 131 rows padded to 132, 66 a rank
+    torch.testing.assert_close(_weight(ir, table, 0), w[table][:66])
+    torch.testing.assert_close(_weight(ir, table, 1)[:65], w[table][66:])
+    assert not _weight(ir, table, 1)[65].any()
     cache = next(n for n in ir.graph.nodes if n.name == "k_cache_0")
     assert cache.meta["spec"].shape[1] == 1 and ir.kv.layers[0].n_kv_heads == 1  # 2 kv heads over 2 ranks
     out = next(n for n in ir.graph.nodes if n.op == "output").args[0][0]
@@ -137,12 +141,13 @@ def test_gpt2_fused_qkv_cut_per_piece():
     assert split.args[1] == 32 and split.meta["tp_global"]["args"][1] == 64
     view = split.args[0]
     assert view.args[1][-1] == 96 and view.meta["tp_global"]["args"][1][-1] == 192
-    # the tied embedding stays whole; the projection reads its own sliced copy
+    # the tied table is cut once, by vocabulary rows, for the lookup and the projection alike
     emb = next(n for n in ir.graph.nodes if n.target is aten.embedding.default)
-    assert ir.weight(emb.args[0].target).shape == (VOCAB, 64)
+    proj = next(n for n in ir.graph.nodes if n.op == "call_function" and n.target is aten.linear.default)
+    assert emb.args[0].target == proj.args[1].target and ir.weight(emb.args[0].target).shape == (66, 64)
+    assert ir.weight_names[emb.args[0].target] == "lm_head.weight"
     # row-parallel c_proj: addmm -> mm, all_reduce, then the bias once
-    reduce = next(n for n in ir.graph.nodes if n.target is all_reduce)
-    assert reduce.args[0].target is aten.mm.default
+    reduce = next(n for n in ir.graph.nodes if n.target is all_reduce and n.args[0].target is aten.mm.default)
     assert next(iter(reduce.users)).target is aten.add.Tensor
 
 

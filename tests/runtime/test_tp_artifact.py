@@ -39,7 +39,7 @@ def test_layout_on_disk(tmp_path_factory):
     manifest = json.loads((path / "manifest.json").read_text())
     tp = manifest["tensor_parallel"]
     assert tp["tp"] == 2 and tp["files"] == ["model.rank0.safetensors", "model.rank1.safetensors"]
-    assert tp["all_reduces_per_step"] == 4 and tp["bytes_all_reduced_per_token"] == 4 * 64 * 4
+    assert tp["all_reduces_per_step"] == 5 and tp["bytes_all_reduced_per_token"] == 5 * 64 * 4
     assert set(manifest["files"]) >= {"model.safetensors", "model.rank0.safetensors", "model.rank1.safetensors"}
     graph = json.loads((path / "graph.json").read_text())
     assert graph["tensor_parallel"]["tp"] == 2
