@@ -8,6 +8,7 @@ collectives (`codegen/collectives.py`) at it. A process outside such a job runs 
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -44,5 +45,20 @@ def join(device: torch.device) -> Rank | None:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
         except (RuntimeError, ValueError) as e:
             raise LmforgeError(f"cannot join the tensor-parallel job: {str(e).splitlines()[0]}") from None
+        atexit.register(_leave)
     collectives.set_group(None)
     return Rank(dist.get_rank(), dist.get_world_size(), local)
+
+
+def _leave() -> None:
+    """At exit: wait for the other ranks, then close the group. A process that exits while its peers still
+    talk to it can abort in gloo's threads ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    try:
+        dist.barrier()
+        dist.destroy_process_group()
+    except Exception:  # a peer is gone already: nothing left to wait for
+        pass
