@@ -302,8 +302,6 @@ def reshard(ir: GraphIR, per_rank: list[dict[str, torch.Tensor]], tp: int, rank:
         by_attr = [{attr: part[ir.weight_names[attr]] for attr in cuts} for part in per_rank]
         unshard(ir, assemble(cuts, by_attr))
     if tp > 1:
-        history = list(ir.history)
-        PassManager(f"shard{{tp={tp}}}").run(ir)
-        ir.history = history + ir.history[-1:]
+        PassManager(f"shard{{tp={tp}}}").run(ir)  # its entry joins the artifact's pass history
         ir = for_rank(ir, rank)
     return ir
