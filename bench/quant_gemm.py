@@ -1,4 +1,4 @@
-"""lmforge's quantized matmul kernels (`codegen/kernels/quant.py`) against bf16 cuBLAS and PyTorch's own
+"""lmforge's quantized matmul kernels (`codegen/kernels/int4.py`, `fp8.py`) against bf16 cuBLAS and PyTorch's own
 quantized GEMMs on one GPU, on Llama-3-8B's linear layers, bf16 activations.
 
 Shapes (N, K): q/o (4096, 4096), k/v (1024, 4096), gate/up (14336, 4096), down (4096, 14336).
@@ -113,7 +113,9 @@ def scaled_mm(x, weight, weight_scale):
 
 def main() -> None:
     args, dev, do_bench, bandwidth = setup(__doc__, "bench/quant_gemm.py")
-    from lmforge.codegen.kernels import quant as kernels
+    from lmforge.codegen.kernels import fp8 as fp8_kernels
+    from lmforge.codegen.kernels import int4 as int4_kernels
+    from lmforge.codegen.quant_linear import fp8_reference, int4_reference
 
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16
@@ -128,8 +130,8 @@ def main() -> None:
         qweight, scales, zeros = make_int4(N, K, dev, gen)
         x = torch.randn(M, K, generator=gen).to(dev, dtype)
         w_bf16 = int4.dequantize(int4.Int4Weight(qweight, scales, zeros, GROUP), dtype)
-        ours = lambda: kernels.int4_matmul(x, qweight, scales, zeros, GROUP)  # noqa: E731
-        err = (ours().float() - kernels.int4_reference(x, qweight, scales, zeros, GROUP).float()).abs().max().item()
+        ours = lambda: int4_kernels.int4_matmul(x, qweight, scales, zeros, GROUP)  # noqa: E731
+        err = (ours().float() - int4_reference(x, qweight, scales, zeros, GROUP).float()).abs().max().item()
         theirs = tinygemm(x, qweight, scales, zeros)
         t_ours, t_bf16 = do_bench(ours), do_bench(lambda: F.linear(x, w_bf16))
         nbytes = N * K // 2 + 2 * (N * K // GROUP) * 2
@@ -139,8 +141,8 @@ def main() -> None:
         weight, weight_scale = make_fp8(N, K, dev, gen)
         x = torch.randn(M, K, generator=gen).to(dev, dtype)
         w_bf16 = fp8.dequantize(fp8.Fp8Weight(weight, weight_scale), dtype)
-        ours = lambda: kernels.fp8_matmul(x, weight, weight_scale)  # noqa: E731
-        err = (ours().float() - kernels.fp8_reference(x, weight, weight_scale).float()).abs().max().item()
+        ours = lambda: fp8_kernels.fp8_matmul(x, weight, weight_scale)  # noqa: E731
+        err = (ours().float() - fp8_reference(x, weight, weight_scale).float()).abs().max().item()
         theirs = scaled_mm(x, weight, weight_scale)
         t_ours, t_bf16 = do_bench(ours), do_bench(lambda: F.linear(x, w_bf16))
         row("fp8", name, M, N, K, t_ours, t_bf16, "_scaled_mm", do_bench(theirs) if theirs else None,

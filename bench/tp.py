@@ -129,6 +129,7 @@ def main() -> None:
     sizes = [int(t) for t in args.tp.split(",")]
 
     import lmforge
+    from lmforge.ir.tensor_parallel import TensorParallelSummary
     from lmforge.runtime.launch import launch
 
     model = build_model(args.small)
@@ -138,7 +139,7 @@ def main() -> None:
             art = Path(work) / f"tp{tp}"
             lmforge.optimize(model, art, dtype=args.dtype, max_seq_len=args.prompt_len + args.new_tokens + 1, tp=tp)
             manifest = json.loads((art / "manifest.json").read_text())
-            info = manifest.get("tensor_parallel") or {}
+            info = TensorParallelSummary.from_json(manifest.get("tensor_parallel"))
             common = [str(art), args.device, str(args.prompt_len), str(args.new_tokens), str(args.repeats)]
             if tp == 1:
                 result = measure(*common[:2], args.prompt_len, args.new_tokens, args.repeats)
@@ -154,8 +155,8 @@ def main() -> None:
             rows.append({"tp": tp, "tokens_per_s": args.new_tokens / result["seconds"],
                          "comm_ms_per_token": 1000 * result["comm_seconds"] / args.new_tokens,
                          "comm_share": result["comm_seconds"] / result["seconds"],
-                         "all_reduces_per_step": info.get("all_reduces_per_step", 0),
-                         "bytes_all_reduced_per_token": info.get("bytes_all_reduced_per_token", 0)})
+                         "all_reduces_per_step": info.all_reduces_per_step if info else 0,
+                         "bytes_all_reduced_per_token": info.bytes_all_reduced_per_token if info else 0})
     base = rows[0]["tokens_per_s"] if rows and rows[0]["tp"] == 1 else None
     if args.json:
         print(json.dumps({"date": datetime.date.today().isoformat(), "device": args.device, "dtype": args.dtype,

@@ -5,9 +5,8 @@
     seq = eng.generate(input_ids, max_new_tokens=32)
 """
 
-__version__ = "0.1.0"
-
-from lmforge.api import load, optimize  # noqa: E402
-from lmforge.errors import LmforgeError  # noqa: E402
+from lmforge.api import load, optimize
+from lmforge.errors import LmforgeError
+from lmforge.version import __version__
 
 __all__ = ["LmforgeError", "__version__", "load", "optimize"]

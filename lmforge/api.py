@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import ArtifactError, LmforgeError
 from lmforge.runtime.artifact import Artifact
 
 DEFAULT_MAX_SEQ_LEN = 4096  # cap for models whose position limit is larger: the cache is batch x this
@@ -107,9 +107,9 @@ def optimize(
     import tempfile
 
     from lmforge.ir.capture import capture, load_hf_model
-    from lmforge.passes import PassManager, default_pipeline
+    from lmforge.passes import PassManager, default_pipeline, format_pipeline
     from lmforge.quant import import_torchao_quietly
-    from lmforge.runtime.artifact import write_artifact
+    from lmforge.export.artifact import write_artifact
 
     import_torchao_quietly()  # before transformers imports it, noisily
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
@@ -149,8 +149,8 @@ def optimize(
     quantize = _quantize_options(quant, group_size, symmetric, quant_method, skip, overrides)
     if quantize and custom:
         raise LmforgeError("pass either quant=... or a pipeline with a quantize step, not both")
-    pipeline = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len, quantize, tp)
-    PassManager(pipeline, instruments).run(ir)
+    steps = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len, quantize, tp)
+    PassManager(steps, instruments).run(ir)
     if ir.kv.dtype != target and (dtype is not None or not custom):  # a custom pipeline may choose the dtype
         raise LmforgeError(f"the pipeline left the graph in {ir.kv.dtype}, but dtype {dtype_name} was asked for; "
                            f"add convert-dtype{{dtype={dtype_name}}} to it")
@@ -162,40 +162,79 @@ def optimize(
             generation = model.generation_config.to_dict()
         info = _special_ids(info, config, generation)
         step("write")
-        return write_artifact(ir, Path(output_dir), max_seq_len=max_seq_len, pipeline=pipeline,
+        return write_artifact(ir, Path(output_dir), max_seq_len=max_seq_len,
+                              pipeline=pipeline if custom else format_pipeline(steps),
                               tokenizer_files=files, tokenizer_info=info)
 
 
-def _quantize_options(quant, group_size, symmetric, method, skip, overrides) -> str | None:
-    """The quantize pass's options string, after checking every argument (one-line errors)."""
-    from lmforge.quant import DEFAULT_SKIP, LayerRules
+def _quantize_options(quant, group_size, symmetric, method, skip, overrides):
+    """The quantize pass's options (a `QuantizeOptions`, or None without `quant`), checked: a bad value fails
+    here, in one line, before the pass runs."""
+    from lmforge.passes.quantize import QuantizeOptions
+    from lmforge.quant import DEFAULT_SKIP, SCHEMES, handler
 
     if quant is None:
         if skip is not None or overrides is not None:
-            raise LmforgeError("skip and overrides need quant='int4' or quant='fp8'")
+            raise LmforgeError(f"skip and overrides need {' or '.join(f'quant={name!r}' for name in SCHEMES)}")
         return None
     skip_text = DEFAULT_SKIP if skip is None else (skip if isinstance(skip, str) else "|".join(skip))
     if isinstance(overrides, dict):
         overrides = ";".join(f"{pattern}:{spec}" for pattern, spec in overrides.items())
-    overrides = overrides or ""
-    for text, what in ((skip_text, "skip"), (overrides, "overrides")):
-        if any(ch in text for ch in ",{}"):
-            raise LmforgeError(f"{what} {text!r} may not contain ',', '{{' or '}}'; separate patterns with '|'")
-    settings = {"group_size": group_size, "symmetric": symmetric, "method": method}
-    LayerRules.parse(quant, settings, skip_text, overrides)  # every bad value fails here, in one line
-    parts = [f"scheme={quant}"]
-    if quant == "int4":
-        parts += [f"group_size={group_size}", f"symmetric={str(bool(symmetric)).lower()}", f"method={method}"]
-    parts.append(f"skip={skip_text}")
-    if overrides:
-        parts.append(f"overrides={overrides}")
-    return ",".join(parts)
+    settings = {"group_size": group_size, "symmetric": bool(symmetric), "method": method}
+    settings = {k: v for k, v in settings.items() if k in handler(quant).settings}  # fp8 takes none of them
+    options = QuantizeOptions(scheme=quant, skip=skip_text, overrides=overrides or "", **settings)
+    options.resolve()
+    return options
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True):
-    """Load an artifact for inference: an `Engine` with `forward`, `generate` and `stream`. Under torchrun (or
-    `lmforge run`), each rank gets its shard of a tensor-parallel artifact; a single process gets the whole
-    model."""
-    from lmforge.runtime.engine import Engine
+def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = True, *, tp: int | None = None,
+         rank: int = 0):
+    """Load an artifact for inference: an `Engine` with `forward`, `generate` and `stream`.
 
-    return Engine.load(path, device=device, verify=verify)
+    Under torchrun (or `lmforge run`), each rank gets its shard of a tensor-parallel artifact, resharded when
+    the job's size differs from the artifact's tp; a process on its own gets the whole model. `tp` and `rank`
+    pick a shard explicitly, for a caller that provides the collectives itself (`codegen.collectives`).
+
+    The steps: read and check the artifact (`runtime/artifact.py`), reshard if the tp differs (the shard
+    pass's `reshard`), fit the graph to this machine (the load pipeline, `runtime/load.py`), build the engine.
+    """
+    import time
+
+    from lmforge.codegen.dispatch import check_kernel_env
+    from lmforge.ir.analysis import cost
+    from lmforge.runtime.artifact import artifact_tp, load_graph, read_manifest, read_rank_weights, read_tokenizer
+    from lmforge.runtime.artifact import verify_files
+    from lmforge.runtime.engine import Engine, check_device
+    from lmforge.runtime.layout import choose_layout
+    from lmforge.runtime.load import prepare
+
+    started = time.perf_counter()
+    device = check_device(device)
+    check_kernel_env(device)
+    art = read_manifest(Path(path))
+    if verify:
+        verify_files(art)
+    if tp is None:
+        from lmforge.runtime.distributed import join
+
+        job = join(device)
+        tp, rank = (job.world_size, job.rank) if job else (1, 0)
+        if job and device.type == "cuda":
+            device = torch.device("cuda", job.local_rank)
+    if tp < 1:
+        raise ArtifactError(f"tp must be 1 or more, got {tp}")
+    if not 0 <= rank < tp:
+        raise ArtifactError(f"rank {rank} is outside tp={tp}")
+    if tp == artifact_tp(art):
+        ir = load_graph(art, device, rank)
+    else:
+        from lmforge.passes.shard import reshard
+
+        ir = reshard(load_graph(art, device), read_rank_weights(art, device), tp, rank)
+    graph_cost = cost(ir)  # of the graph as the artifact holds it, before the load pipeline rewrites it
+    layout = choose_layout(device, ir.kv.dtype)
+    ir = prepare(ir, device, layout)
+    engine = Engine(ir, art.max_seq_len, device, art, read_tokenizer(art), weight_layout=layout, cost=graph_cost,
+                    rank=rank)
+    engine.load_seconds = time.perf_counter() - started
+    return engine

@@ -54,7 +54,7 @@ def test_graph_breaks_compile_each_piece(recorded):
 
 
 def test_pipeline_failure_falls_back(monkeypatch):
-    from lmforge.passes import manager
+    from lmforge.ir import pass_manager as manager
 
     def broken(self, ir, properties=None):
         raise RuntimeError("boom")

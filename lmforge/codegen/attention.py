@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.codegen.dispatch import use_triton
+from lmforge.ir.ops import Casts, OpFacts, register_op
+from lmforge.ir.verify import same_float_dtype
 
 SCHEMA = ("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor attention_mask, "
           "float scale, bool causal=True, int window=0) -> Tensor")
@@ -107,3 +109,23 @@ def _attention_fake(q, k, v, k_cache, v_cache, attention_mask, scale, causal=Tru
 
 
 attention = torch.ops.lmforge.attention.default
+
+
+def _verify(node) -> str | None:
+    for i in (3, 4):
+        cache = node.args[i]
+        if not (getattr(cache, "op", None) == "placeholder" and cache.name.startswith(("k_cache_", "v_cache_"))):
+            return f"argument {i} is %{getattr(cache, 'name', cache)}, not a cache input"
+    return same_float_dtype(0, 1, 2, 3, 4)(node)
+
+
+def _cost(node) -> tuple[int, int]:
+    """q.k and p.v: 4 * heads * head_dim FLOPs per new token and per token of context."""
+    _, heads, _, head_dim = node.args[0].meta["spec"].shape
+    return 0, 4 * heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else 0
+
+
+register_op(attention, OpFacts(
+    shard="attention", verify=("fused-attention", _verify), cost=_cost, cpu=attention_impl, cache_writer=True,
+    casts=Casts((0, 1, 2), "compute", "cast-attention-input"),  # q, k, v in the caches' dtype
+))

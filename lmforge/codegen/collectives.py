@@ -19,6 +19,8 @@ import threading
 
 import torch
 
+from lmforge.ir.ops import OpFacts, register_op
+
 _lib = torch.library.Library("lmforge", "FRAGMENT")
 _lib.define("all_reduce(Tensor x, int tp) -> Tensor")
 _lib.define("all_gather(Tensor x, int dim, int tp) -> Tensor")
@@ -165,3 +167,7 @@ def _all_gather_fake(x, dim, tp):
 
 all_reduce = torch.ops.lmforge.all_reduce.default
 all_gather = torch.ops.lmforge.all_gather.default
+
+# inserted by the shard pass into an already sharded graph, which it never shards again
+register_op(all_reduce, OpFacts(shard="replicated"))
+register_op(all_gather, OpFacts(shard="replicated"))

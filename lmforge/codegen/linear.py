@@ -9,10 +9,14 @@ more than `cpu_gemv.MAX_ROWS` rows, a prefill) go to `F.linear`, as do all calls
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from lmforge.codegen import cpu_gemv
+from lmforge.ir.ops import LinearForm, OpFacts, register_op
+from lmforge.ir.verify import same_float_dtype
 
 _lib = torch.library.Library("lmforge", "FRAGMENT")
 _lib.define("linear(Tensor x, Tensor w, Tensor? b=None) -> Tensor")
@@ -35,3 +39,9 @@ def _linear_fake(x, w, b=None):
 
 
 linear = torch.ops.lmforge.linear.default
+
+register_op(linear, OpFacts(
+    shard="linear", verify=("matmul-dtypes", same_float_dtype(0, 1, 2)), cpu=_linear_cpu,
+    cost=lambda node: (2 * math.prod(node.args[1].meta["spec"].shape), 0),
+    linear=lambda node: LinearForm(0, ((1, 0, 1, "col"),), 2),  # as aten.linear: w (N, K)
+))

@@ -24,7 +24,11 @@ import torch.nn.functional as F
 
 from lmforge.codegen import cpu_gemv
 from lmforge.codegen.dispatch import use_triton
+from lmforge.ir.ops import Casts, OpFacts, register_op
+from lmforge.ir.spec import spec_of
+from lmforge.ir.verify import same_float_dtype
 from lmforge.quant import fp8 as fp8_math
+from lmforge.quant import handler
 from lmforge.quant import int4 as int4_math
 
 _lib = torch.library.Library("lmforge", "FRAGMENT")
@@ -55,7 +59,7 @@ def fp8_reference(x, weight, weight_scale, bias=None):
 
 def int4_linear_impl(x, qweight, scales, zeros, group_size: int, bias=None):
     if use_triton(x):
-        from lmforge.codegen.kernels import quant as kernels
+        from lmforge.codegen.kernels import int4 as kernels
 
         y = kernels.int4_matmul(x.reshape(-1, x.shape[-1]), qweight, scales, zeros, group_size, bias)
         return y.reshape(*x.shape[:-1], qweight.shape[0])
@@ -70,7 +74,7 @@ def fp8_linear_impl(x, weight, weight_scale, bias=None):
     if x.device.type == "cuda" and _scaled_mm_ok(x, weight):
         return _fp8_scaled_mm(x, weight, weight_scale, bias)
     if use_triton(x):
-        from lmforge.codegen.kernels import quant as kernels
+        from lmforge.codegen.kernels import fp8 as kernels
 
         y = kernels.fp8_matmul(x.reshape(-1, x.shape[-1]), weight, weight_scale, bias)
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -109,3 +113,50 @@ def _fp8_fake(x, weight, weight_scale, bias=None):
 
 int4_linear = torch.ops.lmforge.int4_linear.default
 fp8_linear = torch.ops.lmforge.fp8_linear.default
+
+
+# --- what the IR's tools know of them --------------------------------------------------------------------
+
+
+def _verify_int4(node) -> str | None:
+    x, q, scales, zeros = (spec_of(a) for a in node.args[:4])
+    group = node.args[4]
+    if q is not None and (q.dtype != torch.uint8 or len(q.shape) != 2):
+        return f"qweight is {q.dtype} of rank {len(q.shape)}, expected 2-D uint8"
+    if q is not None and scales is not None and isinstance(q.shape[1], int):
+        if tuple(scales.shape) != (q.shape[0], q.shape[1] * 2 // group):
+            return f"scales {tuple(scales.shape)} do not fit qweight {tuple(q.shape)} with group size {group}"
+        if zeros is not None and (zeros.shape, zeros.dtype) != (scales.shape, scales.dtype):
+            return "zeros differ from scales in shape or dtype"
+        if x is not None and x.shape[-1] != q.shape[1] * 2:
+            return f"input has {x.shape[-1]} features, the weight {q.shape[1] * 2}"
+    return same_float_dtype(0, 5)(node)
+
+
+def _verify_fp8(node) -> str | None:
+    w, scale = spec_of(node.args[1]), spec_of(node.args[2])
+    if w is not None and w.dtype != torch.float8_e4m3fn:
+        return f"weight is {w.dtype}, expected float8_e4m3fn"
+    if scale is not None and (scale.dtype != torch.float32 or w is not None and tuple(scale.shape) != (w.shape[0],)):
+        return f"weight_scale is {scale.dtype} {tuple(scale.shape)}, expected float32 (N,)"
+    return same_float_dtype(0, 3)(node)
+
+
+def _numel(node, i: int) -> int:
+    shape = node.args[i].meta["spec"].shape
+    return shape[0] * shape[1]
+
+
+register_op(int4_linear, OpFacts(
+    shard="linear", verify=("int4-linear", _verify_int4), cpu=int4_linear_impl, linear=handler("int4").linear_form,
+    cost=lambda node: (4 * _numel(node, 1), 0),  # qweight (N, K // 2) holds N * K weights
+    casts=Casts((0, 5), to=2),  # x and the bias in the scales' dtype
+    params={1: 2, 2: 0, 3: 0},  # two 4-bit values a byte; scales and zero points count nothing
+))
+register_op(fp8_linear, OpFacts(
+    shard="linear", verify=("fp8-linear", _verify_fp8), cpu=fp8_linear_impl,
+    linear=handler("fp8").linear_form,
+    cost=lambda node: (2 * _numel(node, 1), 0),
+    casts=Casts((0, 3), "compute"),  # activations and bias in the compute dtype
+    params={1: 1, 2: 0},
+))

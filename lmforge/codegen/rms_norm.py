@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.codegen import cpu_gemv
+from lmforge.ir.ops import OpFacts, register_op
 
 _lib = torch.library.Library("lmforge", "FRAGMENT")
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype, bool cast_before_weight=False) "
@@ -48,3 +49,5 @@ def _rms_norm_fake(x, weight, eps, out_dtype, cast_before_weight=False):
 
 
 rms_norm = torch.ops.lmforge.rms_norm.default
+
+register_op(rms_norm, OpFacts(shard="norm", cpu=_rms_norm_cpu))

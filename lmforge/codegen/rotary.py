@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from lmforge.codegen import cpu_gemv
+from lmforge.ir.ops import OpFacts, register_op
 
 _lib = torch.library.Library("lmforge", "FRAGMENT")
 _lib.define("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor")
@@ -50,3 +51,5 @@ def _rotary_fake(x, cos, sin):
 
 
 rotary = torch.ops.lmforge.rotary.default
+
+register_op(rotary, OpFacts(shard="elementwise", cpu=_rotary_cpu))  # per head and position: keeps any head cut

@@ -7,20 +7,17 @@ work, norms and softmax are not counted (they are small next to these and memory
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
-from torch import fx
 
-import lmforge.codegen  # noqa: F401  (registers the lmforge:: ops)
 from lmforge.ir.graph import GraphIR
+from lmforge.ir.linear import as_linear
+from lmforge.ir.ops import op_facts
 from lmforge.ir.spec import TensorSpec
 
 aten = torch.ops.aten
-fused_attention = torch.ops.lmforge.attention.default
-int4_linear, fp8_linear = torch.ops.lmforge.int4_linear.default, torch.ops.lmforge.fp8_linear.default
-_WEIGHT_MATMULS = {aten.linear.default: 1, aten.mm.default: 1, aten.addmm.default: 2, aten.matmul.default: 1,
-                   torch.ops.lmforge.linear.default: 1}
 
 
 @dataclass(frozen=True)
@@ -32,29 +29,28 @@ class Cost:
         return self.matmul_flops_per_token + self.attention_flops_per_context_token * context
 
 
-def _weight_numel(ir: GraphIR, arg) -> int:
-    if isinstance(arg, fx.Node) and arg.op == "get_attr":
-        return ir.weight(arg.target).numel()
-    if isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in (aten.t.default, aten.permute.default,
-                                                                                  aten._to_copy.default):
-        return _weight_numel(ir, arg.args[0])
-    return 0
+def _sdpa(node) -> tuple[int, int]:
+    q: TensorSpec = node.args[0].meta["spec"]
+    heads, head_dim = q.shape[1], q.shape[3]
+    return 0, 4 * heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else 0
+
+
+def node_cost(node) -> tuple[int, int]:
+    """(matmul FLOPs, attention FLOPs per context token) of one new token through `node`: an lmforge op says
+    its own (`OpFacts.cost`); an ATen linear layer costs 2 * out * in; ATen attention 4 * heads * head_dim."""
+    facts = op_facts(node.target)
+    if facts is not None:
+        return facts.cost(node) if facts.cost is not None else (0, 0)
+    if node.target is aten.scaled_dot_product_attention.default:
+        return _sdpa(node)
+    lin = as_linear(node)
+    return (2 * math.prod(lin.weight.meta["spec"].shape), 0) if lin is not None else (0, 0)
 
 
 def cost(ir: GraphIR) -> Cost:
     matmul = attention = 0
     for node in ir.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target in _WEIGHT_MATMULS:
-            matmul += 2 * _weight_numel(ir, node.args[_WEIGHT_MATMULS[node.target]])
-        elif node.target is int4_linear:  # qweight (N, K // 2) holds N * K weights
-            matmul += 4 * _weight_numel(ir, node.args[1])
-        elif node.target is fp8_linear:
-            matmul += 2 * _weight_numel(ir, node.args[1])
-        elif node.target in (aten.scaled_dot_product_attention.default, fused_attention):
-            q: TensorSpec = node.args[0].meta["spec"]
-            heads, head_dim = q.shape[1], q.shape[3]
-            if isinstance(heads, int) and isinstance(head_dim, int):
-                attention += 4 * heads * head_dim
+        if node.op == "call_function":
+            m, a = node_cost(node)
+            matmul, attention = matmul + m, attention + a
     return Cost(matmul, attention)

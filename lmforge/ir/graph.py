@@ -20,14 +20,24 @@ weight had in the source model (and has in the artifact's safetensors).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx
 
+from lmforge.ir.ops import op_facts
+
+from lmforge.ir.tensor_parallel import TensorParallel
+
 INPUT_NAMES = ("input_ids", "position_ids", "attention_mask")
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """The position rule of the calling convention: each slot's position from a left-padded attention mask
+    (batch, kv_len) is the number of real tokens before it; padding counts as 0. The engine feeds
+    `position_ids` by it, and fuse-attention checks masks against it."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @dataclass(frozen=True)
@@ -63,11 +73,13 @@ class GraphIR:
     kind: str = "lm"
     # what the quantize pass did: {"scheme", "layers": {layer: scheme config}, "kept": {layer: reason}}
     quantization: dict[str, Any] = field(default_factory=dict)
-    # what the shard pass did: {"tp", "weights": {attr: how it was cut}, "replicated", "collectives"}; empty
-    # for a one-device graph (see passes/shard.py)
-    tensor_parallel: dict[str, Any] = field(default_factory=dict)
-    # a sharded graph's per-rank tensors of its sharded weights (the module holds rank 0's); not serialized
-    rank_weights: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    # what the shard pass did (how each sharded weight was cut, the ranks' tensors); None for a one-device graph
+    tensor_parallel: TensorParallel | None = None
+
+    @property
+    def tp(self) -> int:
+        """The ranks this graph is sharded for (1: one device)."""
+        return self.tensor_parallel.tp if self.tensor_parallel else 1
 
     @property
     def graph(self) -> fx.Graph:
@@ -116,26 +128,24 @@ class GraphIR:
         return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
     def param_count(self) -> int:
-        """The parameters the weights stand for: a packed int4 weight counts its 4-bit values (two a byte), and
-        quantization scales and zero points count nothing."""
-        weights = self.weights()
-        packed, parameters = set(), set()
+        """The parameters the weights stand for. Each op says what its weight arguments count for
+        (`OpFacts.params`: a packed int4 byte holds two parameters, quantization scales and zero points count
+        nothing); every other weight counts its elements. A sharded weight counts whole, not rank 0's slice."""
+        per_element: dict[str, int] = {}
         for n in self.graph.nodes:
-            name = op_name(n.target) if n.op == "call_function" else ""
-            if name in ("lmforge.int4_linear.default", "lmforge.fp8_linear.default"):
-                packed.add(n.args[1].target)
-                parameters.update(a.target for a in n.args[2:4] if isinstance(a, fx.Node))
-        sharded = self.tensor_parallel.get("weights", {})  # count a sharded weight whole, not rank 0's slice
+            facts = op_facts(n.target) if n.op == "call_function" else None
+            for pos, factor in (facts.params.items() if facts is not None else ()):
+                arg = n.args[pos] if pos < len(n.args) else None
+                if isinstance(arg, fx.Node) and arg.op == "get_attr":
+                    per_element[arg.target] = factor
+        sharded = self.tensor_parallel.weights if self.tensor_parallel else {}
         count = 0
-        for attr, t in weights.items():
-            name = self.weight_names.get(attr, "")
-            if attr in sharded and (name.endswith(".tp") or name.endswith(".tp_start")):
+        for attr, t in self.weights().items():
+            cut = sharded.get(attr)
+            if cut is not None and cut.role != "slice":
                 continue  # the shard pass's copy of a tied weight (its original stays, whole), its row offsets
-            numel = math.prod(sharded[attr]["shape"]) if attr in sharded else t.numel()
-            if attr in packed:
-                count += numel * (2 if t.dtype == torch.uint8 else 1)
-            elif attr not in parameters:
-                count += numel
+            numel = cut.numel if cut is not None else t.numel()
+            count += numel * per_element.get(attr, 1)
         return count
 
     def param_bytes(self) -> int:

@@ -6,7 +6,8 @@ Format `lmforge.graph`, version 1 (`graph.json`):
      "kv": {"dtype": "float32", "layers": [{"n_kv_heads": 2, "k_head_dim": 16, "v_head_dim": 16}, ...]},
      "weights": {"<attr>": {"name": "<source name, the safetensors key>", "kind": "parameter" | "buffer"}},
      "quantization": {"scheme": "int4", "layers": {"<layer>": {"scheme": ..., ...}}, "kept": {...}},  (if any)
-     "tensor_parallel": {"tp": 2, "weights": {"<attr>": {"axis", "shape", "ranks"}}, ...},  (if sharded)
+     "tensor_parallel": {"tp": 2, "weights": {"<attr>": {"axis", "shape", "ranks"}}, ...},  (if sharded;
+                        `ir.tensor_parallel`'s JSON form)
      "nodes": [{"name": ..., "op": "placeholder" | "get_attr" | "call_function" | "output",
                 "target": ..., "args": [...], "kwargs": {...}, "spec": ...}, ...]}
 
@@ -34,6 +35,7 @@ from torch import fx, nn
 from lmforge.errors import ArtifactError
 from lmforge.ir.graph import GraphIR, KVCacheSpec, KVLayerSpec, op_name
 from lmforge.ir.spec import SymSpec, TensorSpec, dtype_from_name, dtype_name
+from lmforge.ir.tensor_parallel import TensorParallel
 
 FORMAT = "lmforge.graph"
 VERSION = 1
@@ -139,16 +141,17 @@ def graph_to_json(ir: GraphIR) -> dict[str, Any]:
         },
         "nodes": nodes,
         **({"quantization": ir.quantization} if ir.quantization else {}),
-        **({"tensor_parallel": ir.tensor_parallel} if ir.tensor_parallel else {}),
+        **({"tensor_parallel": ir.tensor_parallel.to_json()} if ir.tensor_parallel else {}),
     }
 
 
 def weights_to_save(ir: GraphIR, rank: int | None = None) -> dict[str, torch.Tensor]:
     """Source name -> tensor, contiguous and unshared, ready for `safetensors.torch.save_file`. For a sharded
     graph: the replicated weights (rank None), or rank `rank`'s slices of the sharded ones."""
-    sharded = ir.tensor_parallel.get("weights", {})
+    sharded = ir.tensor_parallel.weights if ir.tensor_parallel else {}
     if rank is not None:
-        return {ir.weight_names.get(attr, attr): t.detach().contiguous().clone() for attr, t in ir.rank_weights[rank].items()}
+        return {ir.weight_names.get(attr, attr): t.detach().contiguous().clone()
+                for attr, t in ir.tensor_parallel.rank_weights[rank].items()}
     return {ir.weight_names.get(attr, attr): t.detach().contiguous().clone() for attr, t in ir.weights().items()
             if attr not in sharded}
 
@@ -217,12 +220,12 @@ class _Decoder:
         parts = name.split(".")
         if len(parts) != 3 or parts[0] not in ("aten", "prims", "lmforge"):
             raise self.fail(f"op {name!r} is not an aten, prims or lmforge op")
-        if parts[0] == "lmforge":
-            import lmforge.codegen  # noqa: F401  (registers lmforge ops)
         try:
             packet = getattr(getattr(torch.ops, parts[0]), parts[1])
             return getattr(packet, parts[2])
         except (AttributeError, RuntimeError):
+            if parts[0] == "lmforge":  # lmforge's ops exist once `lmforge.codegen` is imported (the loaders do)
+                raise self.fail(f"op {name!r} is not registered in this lmforge") from None
             raise self.fail(f"op {name!r} does not exist in this torch ({torch.__version__})") from None
 
 
@@ -282,8 +285,10 @@ def graph_from_json(doc: dict[str, Any], weights: dict[str, torch.Tensor], confi
     quantization = doc.get("quantization") or {}
     if not isinstance(quantization, dict):
         raise dec.fail(f"malformed quantization entry {quantization!r}")
-    tensor_parallel = doc.get("tensor_parallel") or {}
-    if not isinstance(tensor_parallel, dict) or (tensor_parallel and not isinstance(tensor_parallel.get("tp"), int)):
-        raise dec.fail(f"malformed tensor_parallel entry {tensor_parallel!r}")
+    raw_tp = doc.get("tensor_parallel") or None
+    try:
+        tensor_parallel = TensorParallel.from_json(raw_tp, weight_names) if raw_tp is not None else None
+    except (AttributeError, KeyError, TypeError, ValueError):
+        raise dec.fail(f"malformed tensor_parallel entry {raw_tp!r}") from None
     return GraphIR(gm=gm, config=config, kv=kv, weight_names=weight_names, weight_kinds=weight_kinds,
                    quantization=quantization, tensor_parallel=tensor_parallel)

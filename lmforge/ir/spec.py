@@ -96,3 +96,9 @@ def spec_from_value(val, names: dict[str, str] | None = None) -> Spec:
 
 def spec_from_tensor(t: torch.Tensor) -> TensorSpec:
     return TensorSpec(tuple(int(d) for d in t.shape), t.dtype)
+
+
+def spec_of(arg) -> TensorSpec | None:
+    """The tensor spec of a node argument (`meta["spec"]`), or None: a scalar, a tuple, a missing spec."""
+    spec = arg.meta.get("spec") if hasattr(arg, "meta") else None
+    return spec if isinstance(spec, TensorSpec) else None

@@ -12,11 +12,10 @@ from typing import Callable
 import torch
 from torch import fx
 
-from lmforge.codegen.attention import attention
-from lmforge.codegen.quant_linear import fp8_linear, int4_linear
 from lmforge.errors import PassError
 from lmforge.ir.graph import INPUT_NAMES, GraphIR, op_name
-from lmforge.ir.spec import TensorSpec
+from lmforge.ir.ops import bound_op, op_facts
+from lmforge.ir.spec import TensorSpec, spec_of
 
 aten = torch.ops.aten
 
@@ -25,17 +24,11 @@ class VerifyError(PassError):
     pass
 
 
-def _spec(arg) -> TensorSpec | None:
-    if isinstance(arg, fx.Node) and isinstance(arg.meta.get("spec"), TensorSpec):
-        return arg.meta["spec"]
-    return None
-
-
-def _same_float_dtype(*names: int) -> Callable[[fx.Node], str | None]:
+def same_float_dtype(*names: int) -> Callable[[fx.Node], str | None]:
     """The tensor arguments at these positions share one dtype."""
 
     def rule(node: fx.Node) -> str | None:
-        specs = [_spec(node.args[i]) for i in names if i < len(node.args)]
+        specs = [spec_of(node.args[i]) for i in names if i < len(node.args)]
         dtypes = {s.dtype for s in specs if s is not None}
         if len(dtypes) > 1:
             return "inputs of different dtypes: " + ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
@@ -45,7 +38,7 @@ def _same_float_dtype(*names: int) -> Callable[[fx.Node], str | None]:
 
 
 def _cache_write(node: fx.Node) -> str | None:
-    target, src = _spec(node.args[0]), _spec(node.args[3])
+    target, src = spec_of(node.args[0]), spec_of(node.args[3])
     if not (isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder"):
         return f"writes into %{getattr(node.args[0], 'name', node.args[0])}, not into a cache input"
     if target and src and target.dtype != src.dtype:
@@ -53,16 +46,8 @@ def _cache_write(node: fx.Node) -> str | None:
     return None
 
 
-def _fused_attention(node: fx.Node) -> str | None:
-    for i in (3, 4):
-        cache = node.args[i]
-        if not (isinstance(cache, fx.Node) and cache.op == "placeholder" and cache.name.startswith(("k_cache_", "v_cache_"))):
-            return f"argument {i} is %{getattr(cache, 'name', cache)}, not a cache input"
-    return _same_float_dtype(0, 1, 2, 3, 4)(node)
-
-
 def _embedding(node: fx.Node) -> str | None:
-    weight, ids = _spec(node.args[0]), _spec(node.args[1])
+    weight, ids = spec_of(node.args[0]), spec_of(node.args[1])
     if weight is not None and len(weight.shape) != 2:
         return f"weight has rank {len(weight.shape)}, expected 2"
     if ids is not None and ids.dtype.is_floating_point:
@@ -70,45 +55,20 @@ def _embedding(node: fx.Node) -> str | None:
     return None
 
 
-def _int4_linear(node: fx.Node) -> str | None:
-    x, q, scales, zeros = (_spec(a) for a in node.args[:4])
-    group = node.args[4]
-    if q is not None and (q.dtype != torch.uint8 or len(q.shape) != 2):
-        return f"qweight is {q.dtype} of rank {len(q.shape)}, expected 2-D uint8"
-    if q is not None and scales is not None and isinstance(q.shape[1], int):
-        if tuple(scales.shape) != (q.shape[0], q.shape[1] * 2 // group):
-            return f"scales {tuple(scales.shape)} do not fit qweight {tuple(q.shape)} with group size {group}"
-        if zeros is not None and (zeros.shape, zeros.dtype) != (scales.shape, scales.dtype):
-            return "zeros differ from scales in shape or dtype"
-        if x is not None and x.shape[-1] != q.shape[1] * 2:
-            return f"input has {x.shape[-1]} features, the weight {q.shape[1] * 2}"
-    return _same_float_dtype(0, 5)(node)
-
-
-def _fp8_linear(node: fx.Node) -> str | None:
-    w, scale = _spec(node.args[1]), _spec(node.args[2])
-    if w is not None and w.dtype != torch.float8_e4m3fn:
-        return f"weight is {w.dtype}, expected float8_e4m3fn"
-    if scale is not None and (scale.dtype != torch.float32 or w is not None and tuple(scale.shape) != (w.shape[0],)):
-        return f"weight_scale is {scale.dtype} {tuple(scale.shape)}, expected float32 (N,)"
-    return _same_float_dtype(0, 3)(node)
-
-
-# op -> (rule name, check); a check returns None when the node is fine, else what is wrong.
-OP_RULES: dict[object, tuple[str, Callable[[fx.Node], str | None]]] = {
-    aten.mm.default: ("matmul-dtypes", _same_float_dtype(0, 1)),
-    aten.bmm.default: ("matmul-dtypes", _same_float_dtype(0, 1)),
-    aten.addmm.default: ("matmul-dtypes", _same_float_dtype(0, 1, 2)),
-    aten.linear.default: ("matmul-dtypes", _same_float_dtype(0, 1, 2)),
-    aten.scaled_dot_product_attention.default: ("attention-dtypes", _same_float_dtype(0, 1, 2)),
+# ATen op -> (rule name, check); a check returns None when the node is fine, else what is wrong. The rules of
+# lmforge's own ops are declared with them (`OpFacts.verify`, ir/ops.py).
+ATEN_RULES: dict[object, tuple[str, Callable[[fx.Node], str | None]]] = {
+    aten.mm.default: ("matmul-dtypes", same_float_dtype(0, 1)),
+    aten.bmm.default: ("matmul-dtypes", same_float_dtype(0, 1)),
+    aten.addmm.default: ("matmul-dtypes", same_float_dtype(0, 1, 2)),
+    aten.linear.default: ("matmul-dtypes", same_float_dtype(0, 1, 2)),
+    aten.scaled_dot_product_attention.default: ("attention-dtypes", same_float_dtype(0, 1, 2)),
     aten.index_copy_.default: ("cache-write", _cache_write),
     aten.embedding.default: ("embedding", _embedding),
-    attention: ("fused-attention", _fused_attention),
-    int4_linear: ("int4-linear", _int4_linear),
-    fp8_linear: ("fp8-linear", _fp8_linear),
 }
-# ops allowed to mutate, all of them writing the KV cache inputs (their rules above say which arguments)
-CACHE_WRITERS = {aten.index_copy_.default, aten.copy_.default, attention}
+# ATen ops allowed to mutate, all of them writing the KV cache inputs (their rules above say which arguments);
+# lmforge's own say so with `OpFacts.cache_writer`
+ATEN_CACHE_WRITERS = {aten.index_copy_.default, aten.copy_.default}
 
 ALLOWED_NAMESPACES = ("aten", "prims", "lmforge")
 
@@ -125,17 +85,20 @@ def _check_node(ir: GraphIR, node: fx.Node) -> tuple[str, str] | None:
             return "weight-spec", f"spec {spec} does not match the weight's {tuple(tensor.shape)} {tensor.dtype}"
     if node.op == "call_function":
         target = node.target
+        facts = op_facts(target)
         if isinstance(target, torch._ops.OpOverload):
             if ir.kind == "lm" and target.namespace not in ALLOWED_NAMESPACES:
                 return "known-op", f"op from namespace {target.namespace!r}"
-            if target._schema.is_mutable and target not in CACHE_WRITERS:
+            if target.namespace == "lmforge" and facts is None:
+                return "known-op", "an lmforge op without OpFacts (declare them with lmforge.ir.ops.register_op)"
+            if target._schema.is_mutable and target not in ATEN_CACHE_WRITERS and not (facts and facts.cache_writer):
                 return "functional", "mutating op outside the cache writes"
-        elif ir.kind == "lm":
+        elif ir.kind == "lm" and bound_op(target) is None:  # a bound node keeps its op's rules
             from lmforge.ir.serialize import PYTHON_OPS
 
             if op_name(target) not in PYTHON_OPS:
                 return "known-op", f"python callable {op_name(target)} is not serializable"
-        rule = OP_RULES.get(target)
+        rule = facts.verify if facts is not None else ATEN_RULES.get(target)
         if rule is not None:
             problem = rule[1](node)
             if problem:

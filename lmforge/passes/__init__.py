@@ -1,6 +1,7 @@
-"""Passes over `GraphIR`, run by the pass manager in `manager.py`.
+"""The compiler's passes over `GraphIR`, run by the pass manager (`lmforge/ir/pass_manager.py`).
 
-Importing this package registers the built-in passes. `default_pipeline` is what `lmforge optimize` runs.
+Importing this package registers the built-in passes. `default_pipeline` (`pipeline.py`, phases as data) is
+what `lmforge optimize` runs.
 """
 
 from lmforge.passes import (  # noqa: F401  (registration)
@@ -14,35 +15,19 @@ from lmforge.passes import (  # noqa: F401  (registration)
     remove_noops,
     shard,
 )
-from lmforge.passes.manager import (
+from lmforge.ir.pass_manager import (
     Instruments,
     PassManager,
     PassResult,
+    PipelineStep,
     format_pipeline,
     load_reproducer,
     parse_pipeline,
     register_pass,
     registered_passes,
 )
+from lmforge.passes.pipeline import PHASES, default_pipeline
+from lmforge.passes.quantize import QuantizeOptions
 
-__all__ = ["Instruments", "PassManager", "PassResult", "default_pipeline", "format_pipeline", "load_reproducer",
-           "parse_pipeline", "register_pass", "registered_passes"]
-
-
-def default_pipeline(dtype: str | None = None, max_seq_len: int | None = None, quant: str | None = None,
-                     tp: int = 1) -> str:
-    """cleanup -> fuse (attention) -> lower (quantize, dtype) -> fuse (norms and rotary, with the casts lowering
-    added) -> fold (and tabulate per-position work up to max_seq_len) -> shard (tp > 1) -> cleanup. `quant`
-    holds the quantize pass's options, e.g. "scheme=int4,group_size=64"."""
-    steps = ["remove-noops", "dce", "fuse-attention"]
-    if quant:  # int4 scales are made in the compute dtype the graph is about to get
-        dtype_option = f",dtype={dtype}" if dtype in ("bfloat16", "float16") else ""
-        steps.append(f"quantize{{{quant}{dtype_option}}}")
-    if dtype in ("bfloat16", "float16"):
-        steps.append(f"convert-dtype{{dtype={dtype}}}")
-    steps += ["fuse-rmsnorm", "fuse-rotary"]
-    steps.append(f"constant-fold{{max_positions={max_seq_len}}}" if max_seq_len else "constant-fold")
-    if tp > 1:  # last: every rewrite before it works on the one-device graph
-        steps.append(f"shard{{tp={tp}}}")
-    steps.append("dce")
-    return ",".join(steps)
+__all__ = ["PHASES", "Instruments", "PassManager", "PassResult", "PipelineStep", "QuantizeOptions", "default_pipeline",
+           "format_pipeline", "load_reproducer", "parse_pipeline", "register_pass", "registered_passes"]

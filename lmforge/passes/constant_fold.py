@@ -22,7 +22,7 @@ from torch import fx
 
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.spec import spec_from_tensor
-from lmforge.passes.manager import PassResult, register_pass
+from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ def _foldable_op(node: fx.Node) -> bool:
     return not any(r.type.kind() != "TensorType" for r in target._schema.returns) and len(target._schema.returns) == 1
 
 
-@register_pass("constant-fold", options=ConstantFoldOptions, establishes=("folded",))
+@register_pass("constant-fold", options=ConstantFoldOptions, requires=("specs", "unsharded"), establishes=("folded",),
+               preserves=PROPERTIES - {"unfolded"})
 def constant_fold(ir: GraphIR, options: ConstantFoldOptions) -> PassResult:
     const: dict[fx.Node, torch.Tensor] = {}
     kind: dict[fx.Node, str] = {}

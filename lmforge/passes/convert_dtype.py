@@ -2,7 +2,7 @@
 
 The rewrite: trained weights (not derived buffers such as rotary `inv_freq`) and float tensor creations
 become `dtype`; the KV cache becomes `dtype`; then the graph is walked in order on meta tensors and casts are
-inserted where the mix of dtypes needs a decision, by the rules in `CAST_RULES`:
+inserted where the mix of dtypes needs a decision, by the rules in `_Walker.apply_rules`:
 
 - a matmul against a weight runs in the weight's dtype (the activation is cast down); a quantized one
   (`lmforge.int4_linear`, `lmforge.fp8_linear`) in the compute dtype, which its scales then have;
@@ -25,13 +25,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import fx
 
-from lmforge.codegen.attention import attention
-from lmforge.codegen.quant_linear import fp8_linear, int4_linear
 from lmforge.errors import PassError
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.infer import meta_run, refresh_dtypes
+from lmforge.ir.ops import op_facts
 from lmforge.ir.spec import SymSpec, TensorSpec, dtype_from_name
-from lmforge.passes.manager import PassResult, register_pass
+from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
 
 aten = torch.ops.aten
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -112,19 +111,19 @@ class _Walker:
 
     def apply_rules(self, node: fx.Node) -> None:
         target = node.target
-        if target is aten.linear.default:  # linear(x, W, b): run in W's dtype
+        facts = op_facts(target)
+        if facts is not None:  # an lmforge op declares its casts (`OpFacts.casts`)
+            casts = facts.casts
+            if casts is not None:
+                to = self.dtype if casts.to == "compute" else self.dtype_of(node.args[casts.to])
+                for i in casts.args:
+                    if i < len(node.args) and node.args[i] is not None:
+                        self.cast(node, i, to, casts.why)
+        elif target is aten.linear.default:  # linear(x, W, b): run in W's dtype
             wdt = self.dtype_of(node.args[1])
             self.cast(node, 0, wdt, "cast-matmul-input")
             if len(node.args) > 2 and node.args[2] is not None:
                 self.cast(node, 2, wdt, "cast-matmul-input")
-        elif target is int4_linear:  # (x, qweight, scales, zeros, G, bias): in the scales' dtype
-            for i in (0, 5):
-                if i < len(node.args) and node.args[i] is not None:
-                    self.cast(node, i, self.dtype_of(node.args[2]), "cast-matmul-input")
-        elif target is fp8_linear:  # (x, weight, weight_scale, bias): activations in the compute dtype
-            for i in (0, 3):
-                if i < len(node.args) and node.args[i] is not None:
-                    self.cast(node, i, self.dtype, "cast-matmul-input")
         elif target in MATMULS:
             operands = MATMULS[target]
             weights = [i for i in operands if self.weight_only(node.args[i])]
@@ -142,9 +141,6 @@ class _Walker:
                 node.args = (*node.args, node.kwargs["attn_mask"])
                 node.kwargs = {k: v for k, v in node.kwargs.items() if k != "attn_mask"}
             for i in range(min(4, len(node.args))):  # a bool mask is left alone
-                self.cast(node, i, self.dtype, "cast-attention-input")
-        elif target is attention:  # (q, k, v, k_cache, v_cache, ...): in the cache dtype
-            for i in range(3):
                 self.cast(node, i, self.dtype, "cast-attention-input")
         elif target is aten.index_copy_.default:  # cache write
             self.cast(node, 3, self.dtype_of(node.args[0]), "cast-cache-write")
@@ -187,7 +183,8 @@ class _Walker:
         self.count("retyped-constants")
 
 
-@register_pass("convert-dtype", options=ConvertDtypeOptions, phase="lower", establishes=("dtype-converted",))
+@register_pass("convert-dtype", options=ConvertDtypeOptions, requires=("specs", "unsharded"),
+               preserves=PROPERTIES - {"source-dtype"})
 def convert_dtype(ir: GraphIR, options: ConvertDtypeOptions) -> PassResult:
     try:
         dtype = dtype_from_name(options.dtype)

@@ -9,10 +9,10 @@ and last in every pipeline.
 from __future__ import annotations
 
 from lmforge.ir.graph import GraphIR
-from lmforge.passes.manager import PassResult, register_pass
+from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
 
 
-@register_pass("dce")
+@register_pass("dce", preserves=PROPERTIES)
 def dce(ir: GraphIR, options) -> PassResult:
     nodes_before = len(ir.graph.nodes)
     weights_before = len(list(ir.gm.named_buffers()))

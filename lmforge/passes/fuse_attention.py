@@ -35,9 +35,10 @@ import torch
 from torch import fx
 
 from lmforge.codegen.attention import visible_mask
-from lmforge.ir.graph import GraphIR
+from lmforge.ir.graph import GraphIR, position_ids
 from lmforge.ir.spec import TensorSpec
-from lmforge.passes.manager import PassResult, register_pass
+from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
+from lmforge.passes.match import NoMatch, ancestors, evaluate, mutates, only_user, replace_match, strip
 
 aten = torch.ops.aten
 
@@ -50,10 +51,6 @@ SCALE_OPS = {aten.mul.Tensor: False, aten.mul.Scalar: False, aten.div.Tensor: Tr
 VIEWS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default}
 PROBE_LONG = 1 << 20  # the slots of the window probe: capture's largest kv_len
 BLOCKED = -1e4  # an additive mask value at or below this hides a key (HF uses the dtype's min)
-
-
-class NoMatch(Exception):
-    """Why an attention was left unfused; the message is what `inspect` shows."""
 
 
 @dataclass
@@ -70,30 +67,15 @@ class Core:
     gqa: bool = False  # sdpa's enable_gqa: k/v have fewer heads than q
 
 
-def _strip(node, nodes: set | None = None):
-    """Follow PASS_THROUGH ops back to the value they carry."""
-    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in PASS_THROUGH:
-        if node.target is aten._to_copy.default and set(node.kwargs) - {"dtype"}:
-            break
-        if nodes is not None:
-            nodes.add(node)
-        node = node.args[0]
-    return node
-
-
-def _only_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _constant(ir: GraphIR, arg) -> float | None:
     """The value of a scalar computed from constants alone (a literal, `full([], c)`, a folded weight)."""
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return float(arg)
     if not isinstance(arg, fx.Node):
         return None
-    if any(n.op == "placeholder" or _mutates(n) for n in _ancestors(arg)):
+    if any(n.op == "placeholder" or mutates(n) for n in ancestors(arg)):
         return None
-    value = _evaluate(ir, arg, {})
+    value = evaluate(ir, arg, {})
     return float(value) if isinstance(value, torch.Tensor) and value.numel() == 1 else None
 
 
@@ -142,12 +124,12 @@ def _eager_core(ir: GraphIR, softmax: fx.Node) -> Core:
     if softmax.args[1] not in (-1, len(softmax.meta["spec"].shape) - 1):
         raise NoMatch("softmax over a dimension other than the keys")
     # forward: softmax -> pass-through -> matmul(p, V)
-    user, out = _only_user(softmax), None
+    user, out = only_user(softmax), None
     while user is not None:
         if user.target in PASS_THROUGH:
             nodes.add(user)
-            user = _only_user(user)
-        elif user.target in MATMULS and _strip(user.args[0]) is softmax:
+            user = only_user(user)
+        elif user.target in MATMULS and strip(user.args[0], PASS_THROUGH) is softmax:
             out = user
             break
         else:
@@ -157,7 +139,7 @@ def _eager_core(ir: GraphIR, softmax: fx.Node) -> Core:
     nodes.add(out)
     # backward: softmax input -> masks and scales -> matmul(q, k^T)
     scale, masks = 1.0, []
-    x = _strip(softmax.args[0], nodes)
+    x = strip(softmax.args[0], PASS_THROUGH, nodes)
     while not (x.op == "call_function" and x.target in MATMULS):
         if x.op != "call_function":
             raise NoMatch(f"scores come from {x.op} {x.name}")
@@ -193,16 +175,16 @@ def _eager_core(ir: GraphIR, softmax: fx.Node) -> Core:
             raise NoMatch("softcapping (tanh on the scores) is not supported")
         else:
             raise NoMatch(f"{x.target} between QK^T and the softmax is not supported")
-        x = _strip(x, nodes)
+        x = strip(x, PASS_THROUGH, nodes)
     qk = x
     nodes.add(qk)
-    q = _strip(qk.args[0], nodes)
+    q = strip(qk.args[0], PASS_THROUGH, nodes)
     scaled = _scale_factor(ir, q)
     if scaled is not None and len(q.users) == 1:  # q pre-scaled
         nodes.add(q)
         q, factor = scaled
         scale *= factor
-    kt = _strip(qk.args[1], nodes)
+    kt = strip(qk.args[1], PASS_THROUGH, nodes)
     rank = len(kt.meta["spec"].shape)
     if kt.target is aten.transpose.int and {a % rank for a in kt.args[1:]} == {rank - 1, rank - 2}:
         nodes.add(kt)
@@ -220,10 +202,10 @@ def _eager_core(ir: GraphIR, softmax: fx.Node) -> Core:
 
 def _unrepeat(node: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int]:
     """`repeat_kv(x, G)` (unsqueeze(2) -> expand G -> [clone] -> view) -> (x, G); anything else -> (node, 1)."""
-    view = _strip(node)
+    view = strip(node, PASS_THROUGH)
     if view.op != "call_function" or view.target not in VIEWS:
         return node, 1
-    expand = _strip(view.args[0])
+    expand = strip(view.args[0], PASS_THROUGH)
     if expand.op != "call_function" or expand.target is not aten.expand.default:
         return node, 1
     unsq = expand.args[0]
@@ -246,7 +228,7 @@ def _unrepeat(node: fx.Node, nodes: set[fx.Node]) -> tuple[fx.Node, int]:
 
 
 def _cache_write(node: fx.Node, which: str) -> fx.Node:
-    write = _strip(node)
+    write = strip(node, PASS_THROUGH)
     if not (write.op == "call_function" and write.target is aten.index_copy_.default):
         raise NoMatch(f"the {which} do not come from the KV cache")
     cache, dim, slots, _ = write.args
@@ -263,36 +245,6 @@ def _cache_write(node: fx.Node, which: str) -> fx.Node:
 # --- step 3: the mask, by evaluation ------------------------------------------------------------------
 
 
-def _ancestors(node: fx.Node) -> list[fx.Node]:
-    """`node` and everything it depends on, in graph order."""
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        if n not in seen:
-            seen.add(n)
-            stack.extend(n.all_input_nodes)
-    return [n for n in node.graph.nodes if n in seen]
-
-
-def _mutates(node: fx.Node) -> bool:
-    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
-
-
-def _evaluate(ir: GraphIR, node: fx.Node, inputs: dict[str, torch.Tensor]):
-    env: dict[fx.Node, object] = {}
-    load = lambda a: env[a] if isinstance(a, fx.Node) else a  # noqa: E731
-    for n in _ancestors(node):
-        if n.op == "placeholder":
-            env[n] = inputs[n.name]
-        elif n.op == "get_attr":
-            env[n] = getattr(ir.gm, n.target)
-        else:
-            env[n] = n.target(*fx.node.map_aggregate(n.args, load),
-                              **{k: fx.node.map_aggregate(v, load) for k, v in n.kwargs.items()})
-    return env[node]
-
-
 class MaskProbe:
     """Evaluates mask subgraphs on probe inputs; remembers what each mask turned out to be."""
 
@@ -303,8 +255,8 @@ class MaskProbe:
 
     def inputs(self, attention_mask: torch.Tensor, seq: int) -> dict[str, torch.Tensor]:
         batch, kv_len = attention_mask.shape
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, kv_len - seq:]
-        feed = {"input_ids": torch.zeros(batch, seq, dtype=torch.long), "position_ids": positions,
+        feed = {"input_ids": torch.zeros(batch, seq, dtype=torch.long),
+                "position_ids": position_ids(attention_mask)[:, kv_len - seq:],
                 "attention_mask": attention_mask}
         zero = torch.zeros((), dtype=self.ir.kv.dtype)
         for i, layer in enumerate(self.ir.kv.layers):  # only their sizes are read: no memory behind them
@@ -318,7 +270,7 @@ class MaskProbe:
         batch, kv_len = attention_mask.shape
         result = torch.ones(batch, 1, seq, kv_len, dtype=torch.bool)
         for kind, node in masks:
-            value = _evaluate(self.ir, node, feed)
+            value = evaluate(self.ir, node, feed)
             if kind == "additive":
                 hidden = value <= BLOCKED
                 if not bool((hidden | (value == 0)).all()):
@@ -346,7 +298,7 @@ class MaskProbe:
     def _semantics(self, masks) -> tuple[bool, int]:
         if not masks:
             raise NoMatch("attention without a mask cannot follow the cache's padding and causality")
-        if any(_mutates(n) for _, node in masks for n in _ancestors(node)):
+        if any(mutates(n) for _, node in masks for n in ancestors(node)):
             raise NoMatch("the mask depends on the cache contents")
         try:
             row = self.visible(masks, torch.ones(1, PROBE_LONG, dtype=torch.long), 1)[0, 0, 0]
@@ -422,14 +374,8 @@ def _rewrite(ir: GraphIR, m: Match) -> None:
     core = m.core
     scale = core.scale if core.scale is not None else 1.0 / math.sqrt(core.q.meta["spec"].shape[-1])
     mask_input = next(n for n in graph.nodes if n.op == "placeholder" and n.name == "attention_mask")
-    with graph.inserting_before(core.out):
-        fused = graph.call_function(attention, (core.q, m.k_write.args[3], m.v_write.args[3], m.k_write.args[0],
-                                                m.v_write.args[0], mask_input, float(scale), m.causal, m.window))
-    fused.meta["spec"] = core.out.meta["spec"]
-    core.out.replace_all_uses_with(fused)
-    for node in reversed(list(graph.nodes)):  # erase the match, users first
-        if node in m.nodes and not node.users:
-            graph.erase_node(node)
+    replace_match(ir, core.out, attention, (core.q, m.k_write.args[3], m.v_write.args[3], m.k_write.args[0],
+                                            m.v_write.args[0], mask_input, float(scale), m.causal, m.window), m.nodes)
 
 
 def find_cores(ir: GraphIR) -> list[tuple[fx.Node, Core | NoMatch]]:
@@ -448,7 +394,8 @@ def find_cores(ir: GraphIR) -> list[tuple[fx.Node, Core | NoMatch]]:
     return found
 
 
-@register_pass("fuse-attention", phase="fuse")
+@register_pass("fuse-attention", requires=("specs", "cache-in-place", "source-dtype", "unfolded", "unsharded"),
+               preserves=PROPERTIES)
 def fuse_attention(ir: GraphIR, options) -> PassResult:
     probe = MaskProbe(ir)
     stats: dict[str, int] = {"attentions": 0, "fused": 0}

@@ -24,31 +24,18 @@ from torch import fx
 
 from lmforge.codegen.rms_norm import rms_norm
 from lmforge.ir.graph import GraphIR
-from lmforge.ir.spec import TensorSpec
-from lmforge.passes.manager import PassResult, register_pass
+from lmforge.ir.spec import spec_of
+from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
+from lmforge.passes.match import NoMatch, only_user, other, replace_match
 
 aten = torch.ops.aten
 MUL = aten.mul.Tensor
-
-
-class NoMatch(Exception):
-    pass
-
-
-def _spec(node) -> TensorSpec | None:
-    spec = node.meta.get("spec") if isinstance(node, fx.Node) else None
-    return spec if isinstance(spec, TensorSpec) else None
+_SHARED = "an intermediate value has other users"
 
 
 def _is_cast(node) -> bool:
     return (isinstance(node, fx.Node) and node.op == "call_function" and node.target is aten._to_copy.default
             and set(node.kwargs) <= {"dtype"} and "dtype" in node.kwargs)
-
-
-def _only_user(node: fx.Node) -> fx.Node:
-    if len(node.users) != 1:
-        raise NoMatch("an intermediate value has other users")
-    return next(iter(node.users))
 
 
 def _weight_only(node) -> bool:
@@ -60,11 +47,6 @@ def _weight_only(node) -> bool:
     return node.op == "call_function" and bool(inputs) and all(_weight_only(a) for a in inputs)
 
 
-def _other(node: fx.Node, this) -> object:
-    a, b = node.args[:2]
-    return b if a is this else a
-
-
 def _match(rsqrt: fx.Node):
     nodes = {rsqrt}
     add = rsqrt.args[0]
@@ -72,7 +54,7 @@ def _match(rsqrt: fx.Node):
         raise NoMatch("rsqrt of something other than mean + eps")
     eps = next(a for a in add.args if isinstance(a, float))
     mean = next(a for a in add.args if isinstance(a, fx.Node))
-    rank = len(_spec(mean).shape)
+    rank = len(spec_of(mean).shape)
     if mean.target is not aten.mean.dim or list(mean.args[1]) not in ([-1], [rank - 1]) or mean.args[2:3] != (True,):
         raise NoMatch("not a mean over the last dim")
     sq = mean.args[0]
@@ -80,39 +62,39 @@ def _match(rsqrt: fx.Node):
         raise NoMatch("not a mean of squares")
     x32 = sq.args[0]
     x = x32.args[0] if _is_cast(x32) and x32.kwargs["dtype"] == torch.float32 else x32
-    if _spec(x32).dtype != torch.float32:
+    if spec_of(x32).dtype != torch.float32:
         raise NoMatch("statistics not in float32")
     nodes |= {add, mean, sq} | ({x32} if x32 is not x else set())
     if len(add.users) != 1 or len(mean.users) != 1 or len(sq.users) != 1:
         raise NoMatch("an intermediate value has other users")
-    normed = _only_user(rsqrt)
-    if normed.target is not MUL or _other(normed, rsqrt) not in (x, x32):
+    normed = only_user(rsqrt, _SHARED)
+    if normed.target is not MUL or other(normed, rsqrt) not in (x, x32):
         raise NoMatch("rsqrt does not scale the input")
     nodes.add(normed)
-    nxt = _only_user(normed)
+    nxt = only_user(normed, _SHARED)
     cast_before_weight = False
     if _is_cast(nxt):  # HF's order: n.to(x.dtype), then the weight
-        if nxt.kwargs["dtype"] != _spec(x).dtype:
+        if nxt.kwargs["dtype"] != spec_of(x).dtype:
             raise NoMatch("normalized values cast to a dtype other than the input's")
         cast_before_weight = True
         nodes.add(nxt)
-        scaled_input, nxt = nxt, _only_user(nxt)
+        scaled_input, nxt = nxt, only_user(nxt, _SHARED)
     else:
         scaled_input = normed
-    if nxt.target is not MUL or not _weight_only(_other(nxt, scaled_input)):
+    if nxt.target is not MUL or not _weight_only(other(nxt, scaled_input)):
         raise NoMatch("no weight multiplies the normalized values")
-    weight = _other(nxt, scaled_input)
-    if _spec(weight) is None or len(_spec(weight).shape) != 1:
+    weight = other(nxt, scaled_input)
+    if spec_of(weight) is None or len(spec_of(weight).shape) != 1:
         raise NoMatch("the weight is not one value per feature")
     nodes.add(nxt)
     out = nxt
     if not cast_before_weight and len(out.users) == 1 and _is_cast(next(iter(out.users))):
         out = next(iter(out.users))
         nodes.add(out)
-    return x, weight, float(eps), _spec(out).dtype, cast_before_weight, out, nodes
+    return x, weight, float(eps), spec_of(out).dtype, cast_before_weight, out, nodes
 
 
-@register_pass("fuse-rmsnorm", phase="fuse")
+@register_pass("fuse-rmsnorm", requires=("specs", "unfolded", "unsharded"), preserves=PROPERTIES)
 def fuse_rmsnorm(ir: GraphIR, options) -> PassResult:
     stats: dict[str, int] = {"fused": 0}
     graph = ir.graph
@@ -124,12 +106,6 @@ def fuse_rmsnorm(ir: GraphIR, options) -> PassResult:
         except NoMatch as e:
             stats[f"unfused: {e}"] = stats.get(f"unfused: {e}", 0) + 1
             continue
-        with graph.inserting_before(out):
-            fused = graph.call_function(rms_norm, (x, weight, eps, out_dtype, cast_first))
-        fused.meta["spec"] = out.meta["spec"]
-        out.replace_all_uses_with(fused)
-        for n in reversed(list(graph.nodes)):
-            if n in nodes and not n.users:
-                graph.erase_node(n)
+        replace_match(ir, out, rms_norm, (x, weight, eps, out_dtype, cast_first), nodes)
         stats["fused"] += 1
     return PassResult(stats["fused"] > 0, stats)

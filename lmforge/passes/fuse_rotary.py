@@ -21,7 +21,8 @@ from torch import fx
 from lmforge.codegen.rotary import rotary
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.spec import TensorSpec
-from lmforge.passes.manager import PassResult, register_pass
+from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
+from lmforge.passes.match import only_user, other, replace_match
 
 aten = torch.ops.aten
 
@@ -38,15 +39,6 @@ def _slice(node, x, dim: int, start: int, end: int | None) -> bool:
     return d % rank == dim % rank and s == start and step == 1 and (full_end if end is None else e == end)
 
 
-def _other(node: fx.Node, this) -> object:
-    a, b = node.args[:2]
-    return b if a is this else a
-
-
-def _single_user(node: fx.Node) -> fx.Node | None:
-    return next(iter(node.users)) if len(node.users) == 1 else None
-
-
 def _match(cat: fx.Node):
     """cat -> (x, cos, sin, add, nodes) when `cat` is rotate_half(x) inside x * cos + rotate_half(x) * sin."""
     parts, dim = cat.args[0], cat.args[1] if len(cat.args) > 1 else 0
@@ -60,18 +52,18 @@ def _match(cat: fx.Node):
     half = spec.shape[-1] // 2
     if spec.shape[-1] % 2 or dim % 4 != 3 or not _slice(hi, x, 3, half, None) or not _slice(parts[1], x, 3, 0, half):
         return None
-    mul_sin = _single_user(cat)
+    mul_sin = only_user(cat)
     if mul_sin is None or mul_sin.target is not aten.mul.Tensor:
         return None
-    sin = _other(mul_sin, cat)
-    add = _single_user(mul_sin)
+    sin = other(mul_sin, cat)
+    add = only_user(mul_sin)
     if add is None or add.target is not aten.add.Tensor:
         return None
-    mul_cos = _other(add, mul_sin)
+    mul_cos = other(add, mul_sin)
     if not (isinstance(mul_cos, fx.Node) and mul_cos.target is aten.mul.Tensor and x in mul_cos.args[:2]
             and len(mul_cos.users) == 1):
         return None
-    cos = _other(mul_cos, x)
+    cos = other(mul_cos, x)
     if not all(isinstance(t, fx.Node) and isinstance(t.meta.get("spec"), TensorSpec) for t in (cos, sin)):
         return None
     if len(parts[0].users) != 1 or len(hi.users) != 1 or len(parts[1].users) != 1:
@@ -79,7 +71,7 @@ def _match(cat: fx.Node):
     return x, cos, sin, add, {cat, parts[0], hi, parts[1], mul_sin, mul_cos, add}
 
 
-@register_pass("fuse-rotary", phase="fuse")
+@register_pass("fuse-rotary", requires=("specs", "unfolded", "unsharded"), preserves=PROPERTIES)
 def fuse_rotary(ir: GraphIR, options) -> PassResult:
     graph = ir.graph
     fused = 0
@@ -90,13 +82,7 @@ def fuse_rotary(ir: GraphIR, options) -> PassResult:
         if match is None:
             continue
         x, cos, sin, add, nodes = match
-        with graph.inserting_before(add):
-            new = graph.call_function(rotary, (x, cos, sin))
-        new.meta["spec"] = add.meta["spec"]
-        add.replace_all_uses_with(new)
-        for n in reversed(list(graph.nodes)):
-            if n in nodes and not n.users:
-                graph.erase_node(n)
+        replace_match(ir, add, rotary, (x, cos, sin), nodes)
         fused += 1
     return PassResult(fused > 0, {"fused": fused})
 

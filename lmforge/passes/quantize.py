@@ -1,15 +1,16 @@
 """quantize{scheme=int4,group_size=128,symmetric=false,method=rtn,skip=lm_head,overrides=...}: weight-only
 int4 or fp8 dynamic quantization of the linear layers.
 
-The rewrite: each linear layer on a trained weight, in whichever ATen form the capture gave it,
+The rewrite: each linear layer on a trained weight, in whichever ATen form the capture gave it (`ir/linear.py`),
 
     linear(x, W[, b])                     W (N, K), as most models have it
     addmm(b, x, W') / mm(x, W')           W' = W^T (K, N), as GPT-2's Conv1D has it
     addmm(b, x, t(W)) / mm(x, t(W))       W (N, K) read through a transpose
 
-becomes `lmforge.int4_linear(x, qweight, scales, zeros, G, b)` or `lmforge.fp8_linear(x, weight,
-weight_scale, b)` on new weights packed by `lmforge/quant` (the old float weight goes away unless something
-else, such as a tied embedding, still reads it). Which scheme each layer gets comes from `LayerRules`:
+becomes the layer's scheme's op, e.g. `lmforge.int4_linear(x, qweight, scales, zeros, G, b)` or
+`lmforge.fp8_linear(x, qweight, scales, b)`, on new weights packed by the scheme's handler (`lmforge/quant`;
+the old float weight goes away unless something else, such as a tied embedding, still reads it); the pass
+itself knows no scheme. Which scheme each layer gets comes from `LayerRules`:
 embeddings are never touched, the final projection (`lm_head`) is skipped unless the skip list leaves it
 out, and a layer whose shape the scheme cannot take keeps its float weight. Every layer kept is counted
 in the stats by reason and listed, with its reason, in `ir.quantization["kept"]`; every layer quantized is
@@ -20,6 +21,9 @@ bfloat16 ones (fp8: half) and the matmuls get that much faster where memory band
 after `fuse-attention` and before `convert-dtype`, so the weights are quantized from their float32 values;
 with `dtype` set to convert-dtype's, the int4 scales and zero points are made in that dtype already (and
 the codes chosen against those rounded values), and convert-dtype puts the biases there too.
+
+Options: `lmforge.optimize` builds `QuantizeOptions` directly (no text in between) and puts it in its
+pipeline as a step; `QuantizeOptions.resolve` is the one place they are checked, for the API and the pass.
 """
 
 from __future__ import annotations
@@ -30,17 +34,18 @@ from typing import Any
 import torch
 from torch import fx
 
-from lmforge.codegen.quant_linear import fp8_linear, int4_linear
-from lmforge.errors import PassError
+import lmforge.codegen  # noqa: F401  (defines the lmforge:: ops the schemes emit)
+from lmforge.errors import LmforgeError, PassError
 from lmforge.ir.graph import GraphIR
+from lmforge.ir.linear import Linear
+from lmforge.ir.linear import find_linears as find_all
+from lmforge.ir.ops import op_facts
 from lmforge.ir.spec import TensorSpec, dtype_from_name
-from lmforge.passes.manager import PassResult, register_pass
-from lmforge.quant import DEFAULT_SKIP, LayerRules, describe
-from lmforge.quant import fp8 as fp8_math
-from lmforge.quant import int4 as int4_math
+from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
+from lmforge.quant import DEFAULT_SKIP, SCHEMES, LayerRules, QuantScheme, handler_for
 
 aten = torch.ops.aten
-TRANSPOSES = {aten.t.default, aten.permute.default, aten.transpose.int}
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` may name
 
 
 @dataclass(frozen=True)
@@ -54,50 +59,28 @@ class QuantizeOptions:
     dtype: str = ""  # the compute dtype convert-dtype will give the graph: int4 scales and zero points are
     # rounded to it before the codes are chosen, so codes and stored parameters agree (default: the weight's)
 
-
-@dataclass
-class LinearMatch:
-    node: fx.Node
-    x: fx.Node
-    weight_attr: str
-    transposed: bool  # the weight attribute holds W^T (K, N)
-    bias: Any
-
-
-def _weight_source(ir: GraphIR, node) -> tuple[str, bool] | None:
-    """(attribute, holds W^T?) when `node` reads a trained 2-D weight, directly or through one transpose."""
-    transposed = False
-    if isinstance(node, fx.Node) and node.target in TRANSPOSES and node.op == "call_function":
-        if node.target is aten.permute.default and list(node.args[1]) != [1, 0]:
-            return None
-        transposed, node = True, node.args[0]
-    if not (isinstance(node, fx.Node) and node.op == "get_attr" and ir.weight_kind(node.target) == "parameter"):
-        return None
-    tensor = ir.weight(node.target)
-    if tensor.dim() != 2 or not tensor.is_floating_point():
-        return None
-    return node.target, transposed
+    def resolve(self) -> tuple[LayerRules, torch.dtype | None]:
+        """The layer rules and compute dtype these options stand for, after checking every value: the one
+        place they are checked, raising a one-line error (the API calls it before capturing, the pass
+        before rewriting)."""
+        if not self.scheme:
+            raise PassError(f"quantize: pass {' or '.join(f'scheme={name}' for name in SCHEMES)}")
+        for text, what in ((self.skip, "skip"), (self.overrides, "overrides")):
+            if any(ch in text for ch in ",{}"):  # the options must print as a pipeline step and parse back
+                raise LmforgeError(f"{what} {text!r} may not contain ',', '{{' or '}}'; separate patterns with '|'")
+        if self.dtype and self.dtype not in COMPUTE_DTYPES:
+            raise PassError(f"quantize: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        dtype = dtype_from_name(self.dtype) if self.dtype else None
+        settings = {"group_size": self.group_size, "symmetric": self.symmetric, "method": self.method}
+        return LayerRules.parse(self.scheme, settings, self.skip, self.overrides), dtype
 
 
-def find_linears(ir: GraphIR) -> list[LinearMatch]:
-    """Every linear layer on a trained weight, in graph order."""
-    found = []
-    for node in ir.graph.nodes:
-        if node.op != "call_function":
-            continue
-        if node.target is aten.linear.default:
-            src = _weight_source(ir, node.args[1])
-            if src:  # linear reads W (N, K); through a transpose it would read W^T
-                found.append(LinearMatch(node, node.args[0], src[0], src[1],
-                                         node.args[2] if len(node.args) > 2 else None))
-        elif node.target in (aten.addmm.default, aten.mm.default):
-            if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-                continue
-            bias, x, w = (node.args if node.target is aten.addmm.default else (None, *node.args))
-            src = _weight_source(ir, w)
-            if src:  # mm reads W^T (K, N); through a transpose, W itself
-                found.append(LinearMatch(node, x, src[0], not src[1], bias))
-    return found
+def find_linears(ir: GraphIR) -> list[Linear]:
+    """Every ATen linear layer on a trained float weight, in graph order (`lmforge.ir.linear` says what a linear
+    layer is; already quantized ones are lmforge ops and are left alone)."""
+    return [lin for lin in find_all(ir.graph)
+            if op_facts(lin.node.target) is None and ir.weight_kind(lin.weight.target) == "parameter"
+            and ir.weight(lin.weight.target).is_floating_point()]
 
 
 def _final_projection(ir: GraphIR) -> fx.Node | None:
@@ -111,9 +94,9 @@ def _final_projection(ir: GraphIR) -> fx.Node | None:
     return node
 
 
-def _layer_names(ir: GraphIR, m: LinearMatch, final: fx.Node | None) -> list[str]:
+def _layer_names(ir: GraphIR, m: Linear, final: fx.Node | None) -> list[str]:
     """The names a layer's patterns match, its own name first."""
-    name = ir.weight_names.get(m.weight_attr, m.weight_attr)
+    name = ir.weight_names.get(m.weight.target, m.weight.target)
     names = [name.removesuffix(".weight"), name]
     if m.node is final:
         names.insert(0, "lm_head")
@@ -124,18 +107,12 @@ def _spec(tensor: torch.Tensor) -> TensorSpec:
     return TensorSpec(tuple(tensor.shape), tensor.dtype)
 
 
-@register_pass("quantize", options=QuantizeOptions, phase="lower")
+@register_pass("quantize", options=QuantizeOptions, requires=("specs", "source-dtype", "unquantized", "unsharded"),
+               preserves=PROPERTIES - {"unquantized"})
 def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
-    if not options.scheme:
-        raise PassError("quantize: pass scheme=int4 or scheme=fp8")
+    rules, dtype = options.resolve()
     if ir.quantization.get("layers"):
         raise PassError("quantize: the graph is already quantized")
-    settings = {"group_size": options.group_size, "symmetric": options.symmetric, "method": options.method}
-    try:
-        dtype = dtype_from_name(options.dtype) if options.dtype else None
-    except ValueError:
-        raise PassError(f"quantize: dtype must be float32, bfloat16 or float16, got {options.dtype!r}") from None
-    rules = LayerRules.parse(options.scheme, settings, options.skip, options.overrides)
     graph = ir.graph
     final = _final_projection(ir)
     stats: dict[str, int] = {}
@@ -150,7 +127,7 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
         names = _layer_names(ir, m, final)
         label = names[0]  # the layer's name: lm_head, or its weight's name without `.weight`
         cfg, reason = rules.for_layer(names)
-        weight = ir.weight(m.weight_attr)
+        weight = ir.weight(m.weight.target)
         w = weight.t() if m.transposed else weight
         if cfg is not None:
             reason = cfg.unsuitable(tuple(w.shape))
@@ -159,27 +136,22 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
             kept[label] = reason
             count("kept-shape" if reason.startswith("kept:") else "kept-by-rule")
             continue
-        key = (m.weight_attr, cfg)
+        scheme = handler_for(cfg)
+        key = (m.weight.target, cfg)
         if key not in packed:
-            packed[key] = _pack(ir, cfg, w, label, dtype or w.dtype)
+            packed[key] = _pack(ir, scheme, cfg, w, label, dtype or w.dtype)
         with graph.inserting_before(m.node):
             gets = [graph.get_attr(a) if a is not None else None for a in packed[key]]
         for get in gets:
             if get is not None:
                 get.meta["spec"] = _spec(ir.weight(get.target))
-        if isinstance(cfg, int4_math.Int4Config):
-            args = (m.x, gets[0], gets[1], gets[2], cfg.group_size, m.bias)
-            target = int4_linear
-        else:
-            args = (m.x, gets[0], gets[1], m.bias)
-            target = fp8_linear
         with graph.inserting_before(m.node):
-            new = graph.call_function(target, args)
+            new = graph.call_function(scheme.op, scheme.op_args(m.x, gets, cfg, m.bias))
         new.meta["spec"] = m.node.meta.get("spec")
         m.node.replace_all_uses_with(new)
         graph.erase_node(m.node)
-        layers[label] = describe(cfg)
-        count(f"{describe(cfg)['scheme']}-layers")
+        layers[label] = scheme.describe(cfg)
+        count(f"{scheme.name}-layers")
     graph.eliminate_dead_code()
     ir.prune_weights()
     names = list(ir.weight_names.values())
@@ -190,24 +162,16 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
     return PassResult(bool(layers), stats)
 
 
-def _pack(ir: GraphIR, cfg, w: torch.Tensor, layer: str, dtype: torch.dtype) -> list[str | None]:
-    """Quantize `w` and register its packed tensors as weights named `layer.<field>`; their attributes, in op
-    order."""
+def _pack(ir: GraphIR, scheme: QuantScheme, cfg, w: torch.Tensor, layer: str, dtype: torch.dtype) -> list[str | None]:
+    """Quantize `w` and register its packed tensors as weights named `layer.<suffix>`, of the kind the scheme
+    gives each; their attributes, in op order (None for an optional tensor the config does without)."""
     base = layer.replace(".", "_")
-    if isinstance(cfg, int4_math.Int4Config):
-        p = int4_math.quantize(w, cfg, dtype=dtype)
-        tensors = [("qweight", p.qdata), ("scales", p.scales), ("zeros", p.zeros)]
-    else:
-        p = fp8_math.quantize(w, cfg)
-        tensors = [("qweight", p.qdata), ("scales", p.scale)]
     attrs: list[str | None] = []
-    for suffix, tensor in tensors:
-        if tensor is None:
+    for packed in scheme.pack(w, cfg, dtype):
+        if packed.tensor is None:
             attrs.append(None)
             continue
-        attr = ir.unique_attr(f"{base}_{suffix}")
-        # fp8 scales stay float32 (convert-dtype leaves "buffer" weights alone); int4 scales follow the dtype
-        kind = "buffer" if isinstance(cfg, fp8_math.Fp8Config) and suffix == "scales" else "parameter"
-        ir.set_weight(attr, tensor.contiguous(), source_name=f"{layer}.{suffix}", kind=kind)
+        attr = ir.unique_attr(f"{base}_{packed.suffix}")
+        ir.set_weight(attr, packed.tensor.contiguous(), source_name=f"{layer}.{packed.suffix}", kind=packed.kind)
         attrs.append(attr)
     return attrs

@@ -16,21 +16,17 @@ import torch
 from torch import fx
 
 from lmforge.ir.graph import GraphIR
-from lmforge.ir.spec import TensorSpec
-from lmforge.passes.manager import PassResult, register_pass
+from lmforge.ir.spec import spec_of
+from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
 
 aten = torch.ops.aten
 ERASE = object()  # the node has no value and no users: delete it
 
 
-def _spec(x) -> TensorSpec | None:
-    return x.meta.get("spec") if isinstance(x, fx.Node) and isinstance(x.meta.get("spec"), TensorSpec) else None
-
-
 def _identity_if_same(node: fx.Node) -> fx.Node | None:
     """The op is an identity when its output spec equals its input's."""
     src = node.args[0]
-    return src if _spec(src) is not None and _spec(src) == _spec(node) else None
+    return src if spec_of(src) is not None and spec_of(src) == spec_of(node) else None
 
 
 def _scalar_identity(value: float) -> Callable[[fx.Node], fx.Node | None]:
@@ -81,7 +77,7 @@ RULES: dict[object, tuple[str, Callable[[fx.Node], object]]] = {
 }
 
 
-@register_pass("remove-noops", establishes=("no-asserts",))
+@register_pass("remove-noops", requires=("specs", "unsharded"), preserves=PROPERTIES)
 def remove_noops(ir: GraphIR, options) -> PassResult:
     stats: dict[str, int] = {}
     for node in list(ir.graph.nodes):

@@ -13,15 +13,23 @@ s_x[m] = max |x[m, :]| / 448, and
 which is what `torch._scaled_mm` computes with row-wise scales (the compressed-tensors `float-quantized`
 scheme with channel-wise weights and dynamic per-token activations stores the same two tensors). The math
 is torchao's: `_choose_scale_float8` and `_quantize_affine_float8`.
+
+`Fp8Scheme` is the scheme's handler (see `scheme.py`): the quantize pass emits `lmforge::fp8_linear(x,
+qweight, scales, bias)`, the scales a "buffer" weight so that convert-dtype leaves them float32.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import fx
 
 from lmforge.errors import LmforgeError
+from lmforge.ir.ops import LinearForm
+from lmforge.quant.primitives import torchao_primitives
+from lmforge.quant.scheme import PackedTensor, QuantScheme, register_scheme
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
@@ -48,8 +56,6 @@ def quantize(w: torch.Tensor, cfg: Fp8Config | None = None) -> Fp8Weight:
     problem = (cfg or Fp8Config()).unsuitable(tuple(w.shape))
     if problem:
         raise LmforgeError(f"cannot quantize a weight of shape {tuple(w.shape)} to fp8: {problem}")
-    from lmforge.quant import torchao_primitives
-
     ao = torchao_primitives()
     w32 = w.detach().float()
     scale = ao._choose_scale_float8(w32, [1, w32.shape[1]], FP8, hp_value_lb=EPS).reshape(-1)
@@ -65,3 +71,31 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x32 = x.float()
     scale = x32.abs().amax(dim=-1, keepdim=True).clamp(min=EPS) / FP8_MAX
     return (x32 / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+@register_scheme
+class Fp8Scheme(QuantScheme):
+    name = "fp8"
+    config = Fp8Config
+    op_name = "fp8_linear"
+    layout = {
+        "tensors": {"<layer>.qweight": "(N, K) float8_e4m3fn", "<layer>.scales": "(N,) float32"},
+        "dequantize": "W[n, k] = qweight[n, k] * scales[n]; activations quantized per token at run time "
+                      "(scale = max|x[m, :]| / 448)",
+        "compatible_with": "compressed-tensors float-quantized (channel weights, dynamic token activations)",
+    }
+
+    def pack(self, w: torch.Tensor, cfg: Fp8Config, dtype: torch.dtype) -> list[PackedTensor]:
+        p = quantize(w, cfg)  # the scales stay float32 whatever the compute dtype: a "buffer" weight
+        return [PackedTensor("qweight", p.qdata), PackedTensor("scales", p.scale, kind="buffer")]
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], cfg: Fp8Config) -> torch.Tensor:
+        return dequantize(Fp8Weight(tensors["qweight"], tensors["scales"]))
+
+    def op_args(self, x: fx.Node, tensors: list[fx.Node | None], cfg: Fp8Config, bias: Any) -> tuple:
+        qweight, scales = tensors
+        return x, qweight, scales, bias
+
+    def linear_form(self, node: fx.Node) -> LinearForm:
+        # the weight's columns are the input features; the per-row scales have no input axis
+        return LinearForm(0, ((1, 0, 1, "col"), (2, 0, None, "col")), 3)

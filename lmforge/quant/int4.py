@@ -23,15 +23,24 @@ Methods (`Int4Config.method`), all from torchao's quantization primitives:
   `_choose_qparams_and_quantize_affine_hqq`): starts from min/max, then alternates rounding and a
   closed-form update of the float zero points that minimises an l_p (p < 1) reconstruction error.
   Asymmetric only.
+
+`Int4Scheme` is the scheme's handler (see `scheme.py`): the quantize pass emits `lmforge::int4_linear(x,
+qweight, scales, zeros, group_size, bias)` with these tensors, scales and zeros as "parameter" weights so
+that convert-dtype puts them in the compute dtype.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from torch import fx
 
 from lmforge.errors import LmforgeError
+from lmforge.ir.ops import LinearForm
+from lmforge.quant.primitives import torchao_primitives
+from lmforge.quant.scheme import PackedTensor, QuantScheme, register_scheme
 
 GROUP_SIZES = (32, 64, 128, 256)
 METHODS = ("rtn", "hqq")
@@ -103,7 +112,7 @@ def quantize(w: torch.Tensor, cfg: Int4Config, dtype: torch.dtype | None = None)
     if problem:
         raise LmforgeError(f"cannot quantize a weight of shape {tuple(w.shape)} to int4: {problem}")
     dtype = dtype or w.dtype
-    ao = _primitives()
+    ao = torchao_primitives()
     w32 = w.detach().float()
     N, K = w32.shape
     G = cfg.group_size
@@ -138,7 +147,45 @@ def _stored(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return scales.to(dtype).clamp(min=torch.finfo(dtype).tiny)
 
 
-def _primitives():
-    from lmforge.quant import torchao_primitives
+# override tokens (rules.py) other than g<group size>
+_TOKENS = {"sym": ("symmetric", True), "asym": ("symmetric", False), "rtn": ("method", "rtn"), "hqq": ("method", "hqq")}
 
-    return torchao_primitives()
+
+@register_scheme
+class Int4Scheme(QuantScheme):
+    name = "int4"
+    config = Int4Config
+    op_name = "int4_linear"
+    layout = {
+        "tensors": {"<layer>.qweight": "(N, K/2) uint8: q[n, 2j] in the low nibble of byte j, q[n, 2j+1] in the high",
+                    "<layer>.scales": "(N, K/G) compute dtype",
+                    "<layer>.zeros": "(N, K/G) compute dtype; absent when symmetric (zero point 8)"},
+        "dequantize": "W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G], q unsigned 0..15",
+        "compatible_with": "ONNX MatMulNBits (bits=4, block_size=G, blocks of a row end to end)",
+    }
+    token_help = (*(f"g{g}" for g in GROUP_SIZES), *_TOKENS)
+
+    def label(self, described: dict[str, Any]) -> str:
+        sym = "sym" if described["symmetric"] else "asym"
+        return f"int4 g{described['group_size']} {sym} {described['method']}"
+
+    def parse_token(self, token: str) -> tuple[str, Any] | None:
+        if token.startswith("g") and token[1:].isdigit():  # any number: the config names the sizes it takes
+            return "group_size", int(token[1:])
+        return _TOKENS.get(token)
+
+    def pack(self, w: torch.Tensor, cfg: Int4Config, dtype: torch.dtype) -> list[PackedTensor]:
+        p = quantize(w, cfg, dtype=dtype)
+        return [PackedTensor("qweight", p.qdata), PackedTensor("scales", p.scales), PackedTensor("zeros", p.zeros)]
+
+    def dequantize(self, tensors: dict[str, torch.Tensor], cfg: Int4Config) -> torch.Tensor:
+        return dequantize(Int4Weight(tensors["qweight"], tensors["scales"], tensors.get("zeros"), cfg.group_size))
+
+    def op_args(self, x: fx.Node, tensors: list[fx.Node | None], cfg: Int4Config, bias: Any) -> tuple:
+        qweight, scales, zeros = tensors
+        return x, qweight, scales, zeros, cfg.group_size, bias
+
+    def linear_form(self, node: fx.Node) -> LinearForm:
+        # qweight's input axis holds two columns a byte, scales' and zeros' one group of columns an element
+        zeros = ((3, 0, 1, "group"),) if node.args[3] is not None else ()
+        return LinearForm(0, ((1, 0, 1, "byte"), (2, 0, 1, "group"), *zeros), 5, group=int(node.args[4]))

@@ -14,17 +14,9 @@ import os
 
 import torch
 
-from lmforge.codegen import attention, linear, quant_linear, rms_norm, rotary
+import lmforge.codegen  # noqa: F401  (registers the lmforge:: ops and their facts)
 from lmforge.ir.graph import GraphIR
-
-CPU_IMPLS = {
-    torch.ops.lmforge.attention.default: attention.attention_impl,
-    torch.ops.lmforge.linear.default: linear._linear_cpu,
-    torch.ops.lmforge.int4_linear.default: quant_linear.int4_linear_impl,
-    torch.ops.lmforge.fp8_linear.default: quant_linear.fp8_linear_impl,
-    torch.ops.lmforge.rms_norm.default: rms_norm._rms_norm_cpu,
-    torch.ops.lmforge.rotary.default: rotary._rotary_cpu,
-}
+from lmforge.ir.ops import op_facts
 
 
 def bind_cpu_kernels(ir: GraphIR, device: torch.device) -> int:
@@ -33,7 +25,8 @@ def bind_cpu_kernels(ir: GraphIR, device: torch.device) -> int:
         return 0
     count = 0
     for node in ir.graph.nodes:
-        impl = CPU_IMPLS.get(node.target) if node.op == "call_function" else None
+        facts = op_facts(node.target) if node.op == "call_function" else None
+        impl = facts.cpu if facts is not None else None  # `OpFacts.cpu`, declared beside each op
         if impl is not None:
             node.target = impl
             count += 1

@@ -11,19 +11,18 @@ prompt gives the same tokens alone or in a batch.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from lmforge.errors import ArtifactError, GenerationError
-from lmforge.ir.graph import GraphIR
-from lmforge.runtime.artifact import TOKENIZER_DIR, Artifact, load_graph, read_manifest, verify_files
+from lmforge.ir.graph import GraphIR, position_ids
+from lmforge.runtime.artifact import Artifact
 from lmforge.runtime.kv_cache import KVCache
 from lmforge.runtime.sampling import SamplingConfig, next_token
 
 
-def _check_device(device: str | torch.device) -> torch.device:
+def check_device(device: str | torch.device) -> torch.device:
     try:
         device = torch.device(device)
     except RuntimeError:
@@ -35,22 +34,10 @@ def _check_device(device: str | torch.device) -> torch.device:
     return device
 
 
-def _retarget(ir: GraphIR, device: torch.device) -> None:
-    """Point the graph's tensor creations (`arange(..., device=cpu)`) at `device`."""
-    for node in ir.graph.nodes:
-        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
-            node.kwargs = {**node.kwargs, "device": device}
-    ir.gm.recompile()
-
-
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    """Each token's position from a left-padded attention mask (batch, seq): padding counts as 0."""
-    return (mask.cumsum(-1) - 1).clamp(min=0)
-
-
 class Engine:
     def __init__(self, ir: GraphIR, max_seq_len: int, device: torch.device, artifact: Artifact | None = None,
-                 tokenizer=None, weight_layout: str = "source", cost=None):
+                 tokenizer=None, weight_layout: str = "source", cost=None, rank: int = 0):
+        """A ready graph (read, resharded and prepared for `device` by `lmforge.load`) and what runs it."""
         self.ir, self.max_seq_len, self.device = ir, max_seq_len, device
         self.weight_layout = weight_layout  # "source", "transposed" or "gemv": see runtime/layout.py
         self.artifact, self.tokenizer = artifact, tokenizer
@@ -67,63 +54,8 @@ class Engine:
 
             cost = graph_cost(ir)
         self.cost = cost  # FLOPs per token, of the graph as the artifact holds it (before load-time rewrites)
-        self.load_seconds: float | None = None  # Engine.load: reading, checking and preparing the artifact
-        self.tp, self.rank = int(ir.tensor_parallel.get("tp", 1)), 0  # tensor-parallel ranks; this one's
-
-    # --- loading ---------------------------------------------------------------------------------
-
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True, tp: int | None = None,
-             rank: int = 0) -> "Engine":
-        """Under torchrun or `lmforge run`, each rank loads its shard (resharding when the job's size differs
-        from the artifact's tp); a process on its own loads the whole model. `tp` and `rank` pick a shard
-        explicitly, for a caller that provides the collectives itself (`codegen.collectives`)."""
-        import time
-
-        started = time.perf_counter()
-        device = _check_device(device)
-        from lmforge.codegen.dispatch import check_kernel_env
-
-        check_kernel_env(device)
-        art = read_manifest(Path(path))
-        if verify:
-            verify_files(art)
-        from lmforge.runtime.layout import apply_layout, choose_layout, prepare_quantized
-
-        if tp is None:
-            from lmforge.runtime.distributed import join
-
-            job = join(device)
-            tp, rank = (job.world_size, job.rank) if job else (1, 0)
-            if job and device.type == "cuda":
-                device = torch.device("cuda", job.local_rank)
-        if tp < 1:
-            raise ArtifactError(f"tp must be 1 or more, got {tp}")
-        ir = load_graph(art, device, tp=tp, rank=rank)
-        if device.type != "cpu":
-            _retarget(ir, device)
-        from lmforge.ir.analysis import cost
-
-        graph_cost = cost(ir)
-        layout = choose_layout(device, ir.kv.dtype)
-        apply_layout(ir, layout)
-        prepare_quantized(ir, device)
-        from lmforge.runtime.bind import bind_cpu_kernels
-
-        bind_cpu_kernels(ir, device)
-        tokenizer = None
-        tok_file = art.path / TOKENIZER_DIR / "tokenizer.json"
-        if tok_file.is_file():
-            from tokenizers import Tokenizer
-
-            try:
-                tokenizer = Tokenizer.from_file(str(tok_file))
-            except Exception as e:  # tokenizers raises its own Exception type
-                raise ArtifactError(f"{tok_file} cannot be read: {str(e).splitlines()[0]}") from None
-        engine = cls(ir, art.max_seq_len, device, art, tokenizer, weight_layout=layout, cost=graph_cost)
-        engine.rank = rank
-        engine.load_seconds = time.perf_counter() - started
-        return engine
+        self.load_seconds: float | None = None  # lmforge.load: reading, checking and preparing the artifact
+        self.tp, self.rank = ir.tp, rank  # tensor-parallel ranks; this one's
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -165,7 +97,7 @@ class Engine:
         ids, mask = self._check_ids(input_ids, attention_mask)
         self._check_length(ids.shape[1], 0)
         cache = self._cache_for(ids.shape[0])
-        positions = _positions(mask)
+        positions = position_ids(mask)
         return self._run(cache, ids, positions, mask)
 
     __call__ = forward
@@ -222,7 +154,7 @@ class Engine:
         full_mask[:, :prompt_len] = mask
 
         logits = self.prefill(cache, ids, full_mask, prompt_len)
-        positions = _positions(mask)[:, -1:]
+        positions = position_ids(mask)[:, -1:]
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         for step in range(max_new_tokens):
             token = next_token(logits, sampling, generator)
@@ -242,7 +174,7 @@ class Engine:
     def prefill(self, cache: KVCache, ids: torch.Tensor, full_mask: torch.Tensor, length: int) -> torch.Tensor:
         """Run the prompt; returns the last position's logits (batch, vocab)."""
         mask = full_mask[:, :length]
-        positions = _positions(mask)
+        positions = position_ids(mask)
         return self._run(cache, ids, positions, mask)[:, -1]
 
     def decode(self, cache: KVCache, token: torch.Tensor, positions: torch.Tensor, full_mask: torch.Tensor,

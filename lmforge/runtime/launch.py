@@ -2,7 +2,8 @@
 
 `lmforge run ARTIFACT` on an artifact built for tp=N needs N processes. Under torchrun (or any launcher that
 sets WORLD_SIZE) this process already is one of them, and `under_launcher()` says so. Otherwise
-`launch(argv, N)` runs `python -m lmforge.cli.main *argv` as N children and supervises them:
+`start_ranks` (what `run`, `bench` and `eval` call) decides how many ranks the artifact needs and has
+`launch(argv, N)` run `python -m lmforge.cli.main *argv` as N children and supervise them:
 
   - each child gets this process's environment plus torchrun's variables: RANK and LOCAL_RANK (0..N-1),
     WORLD_SIZE and LOCAL_WORLD_SIZE (N), MASTER_ADDR=127.0.0.1, MASTER_PORT (a free TCP port picked here),
@@ -18,7 +19,13 @@ sets WORLD_SIZE) this process already is one of them, and `under_launcher()` say
     (PR_SET_PDEATHSIG), so even a SIGKILL here leaves no orphans. The kernel ties that to the thread that
     started the child: call `launch` from the main thread, or one that outlives the run.
 
-There is no rendezvous, restart or multi-node support: use torchrun for those.
+Rank 0 speaks for the job: the other ranks' stdout goes to /dev/null, and of the error lines every rank
+hits, one is printed. Each rank of a job `start_ranks` started leaves its line in the directory named by
+LMFORGE_ERROR_DIR (`rank_error`); rank 0 prints its own, and when it has none, `start_ranks` hands back the
+lowest other rank's, for the command that started the job to print.
+
+There is no rendezvous, restart or multi-node support: use torchrun for those. Nothing of lmforge is
+imported at module level (tests load this file alone); `start_ranks` imports what it needs when called.
 """
 
 from __future__ import annotations
@@ -28,19 +35,89 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Callable, NamedTuple
 
 _PR_SET_PDEATHSIG = 1
 _POLL_S = 0.05
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ERROR_DIR = "LMFORGE_ERROR_DIR"  # where the ranks `start_ranks` started leave their error lines
 
 
 def under_launcher() -> bool:
     """True when this process is one rank of a multi-process job (torchrun's or ours): WORLD_SIZE set in the
     environment."""
     return bool(os.environ.get("WORLD_SIZE"))
+
+
+class JobExit(NamedTuple):
+    """How a job of ranks that `start_ranks` started ended. (A NamedTuple, not a dataclass: tests load this
+    file outside `sys.modules`, where a dataclass cannot resolve its annotations.)"""
+
+    code: int  # the job's exit code, as `launch` returns it
+    error: str | None  # the lowest other rank's error line when rank 0 left none (rank 0 printed its own)
+
+
+def start_ranks(argv: list[str], artifact: Path, tp: int | None, device: str) -> JobExit | None:
+    """For a tensor-parallel run outside torchrun: start the ranks, each running `lmforge *argv` (the command
+    that runs `artifact`), and wait for them. Inside a job: check its size, quieten ranks other than 0.
+
+    tp is the ranks asked for (None: the artifact's). None when this process should go on and run the
+    artifact itself: inside a job, or when one rank is wanted."""
+    from lmforge.errors import LmforgeError
+    from lmforge.runtime.artifact import artifact_tp, read_manifest
+
+    want = tp or artifact_tp(read_manifest(artifact))
+    if under_launcher():
+        world = int(os.environ["WORLD_SIZE"])
+        if tp is not None and tp != world:
+            raise LmforgeError(f"--tp {tp} differs from the {world} processes this job was started with")
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.stdout = open(os.devnull, "w")  # rank 0 speaks for the job
+        return None
+    if want == 1:
+        return None
+    if device.startswith("cuda"):
+        import torch
+
+        if torch.cuda.device_count() < want:
+            raise LmforgeError(f"tp={want} needs {want} GPUs, this machine has {torch.cuda.device_count()}")
+    elif "OMP_NUM_THREADS" not in os.environ:  # the ranks share the CPU cores
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // want))
+    sys.stdout.flush()
+    with tempfile.TemporaryDirectory(prefix="lmforge-ranks-") as errors:
+        os.environ[ERROR_DIR] = errors
+        code = launch(argv, want)
+        reports = sorted(Path(errors).glob("rank*"), key=lambda f: int(f.name[4:]))
+        if code != 0 and reports and reports[0].name != "rank0":  # rank 0 said nothing: say what rank N said
+            return JobExit(code, reports[0].read_text())
+    return JobExit(code, None)
+
+
+def rank_error(line: str) -> str | None:
+    """The error line this process should print, or None when it should print nothing. In a job
+    `start_ranks` started, every rank also leaves the line for the launcher, and only rank 0 prints it (the
+    launcher prints another rank's when rank 0 has none: one line, not one per rank)."""
+    where = os.environ.get(ERROR_DIR)
+    if where and os.path.isdir(where):
+        Path(where, f"rank{_rank()}").write_text(line)
+        if _rank() != "0":
+            return None
+    return f"{rank_prefix()}{line}"
+
+
+def rank_prefix() -> str:
+    """What starts a line from a rank that does not speak for its job: 'rank N: ' on rank N > 0, '' on
+    rank 0 and outside a job."""
+    rank = _rank()
+    return f"rank {rank}: " if rank != "0" else ""
+
+
+def _rank() -> str:
+    return os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE") else "0"
 
 
 def launch(argv: list[str], nproc: int, *, module: str = "lmforge.cli.main", grace_s: float = 5.0) -> int:

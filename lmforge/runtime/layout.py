@@ -30,6 +30,7 @@ from lmforge.codegen import cpu_gemv
 from lmforge.codegen.linear import linear
 from lmforge.errors import ArtifactError
 from lmforge.ir.graph import GraphIR
+from lmforge.ir.linear import Linear, find_linears
 
 aten = torch.ops.aten
 LAYOUTS = ("source", "transposed", "gemv")
@@ -83,13 +84,17 @@ def apply_layout(ir: GraphIR, layout: str) -> int:
 def use_gemv(ir: GraphIR) -> int:
     """`aten.linear` on a bfloat16 weight -> `lmforge.linear` (same arguments, same result contract)."""
     count = 0
-    for node in ir.graph.nodes:
-        if (node.target is aten.linear.default and node.args[1].op == "get_attr"
-                and ir.weight(node.args[1].target).dtype == torch.bfloat16):
-            node.target = linear
+    for lin in _plain_linears(ir):
+        if lin.weight.meta["spec"].dtype == torch.bfloat16:
+            lin.node.target = linear
             count += 1
     ir.gm.recompile()
     return count
+
+
+def _plain_linears(ir: GraphIR) -> list[Linear]:
+    """The `aten.linear(x, W[, b])` layers reading W straight from a weight: the ones a layout rewrites."""
+    return [lin for lin in find_linears(ir.graph) if lin.node.target is aten.linear.default and lin.through is None]
 
 
 def prepare_quantized(ir: GraphIR, device: torch.device) -> int:
@@ -134,10 +139,8 @@ def transpose_linear_weights(ir: GraphIR) -> int:
     graph = ir.graph
     done: dict[str, str] = {}
     count = 0
-    for node in list(graph.nodes):
-        if node.target is not aten.linear.default or node.args[1].op != "get_attr":
-            continue
-        attr = node.args[1].target
+    for lin in _plain_linears(ir):
+        node, attr = lin.node, lin.weight.target
         if attr not in done:
             done[attr] = ir.unique_attr(f"{attr}_t")
             weight = ir.weight(attr)

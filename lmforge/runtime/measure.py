@@ -62,7 +62,7 @@ class BenchResult:
     mfu: float | None  # share of the measured peak FLOP/s prefill reaches
     bandwidth_gb_s: float | None
     peak_tflops: float | None
-    load_s: float | None = None  # Engine.load: checksums, reading, load-time layout and repacking
+    load_s: float | None = None  # lmforge.load: checksums, reading, load-time layout and repacking
 
     def as_dict(self) -> dict:
         return asdict(self)

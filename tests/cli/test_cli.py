@@ -239,6 +239,10 @@ def test_tensor_parallel_optimize_inspect_and_one_process_run(demo, tmp_path):
     assert code == 0 and "4608 bytes all-reduced" in stdout and "KV cache (each of 2 ranks)" in stdout
     info = json.loads(invoke("inspect", str(out), "--json")[1])
     assert info["tensor_parallel"]["files"] == ["model.rank0.safetensors", "model.rank1.safetensors"]
+    code, stdout, stderr = invoke("inspect", str(out), "--tp-plan", "4")  # the shards merged, then planned for 4
+    assert code == 0, stderr
+    assert stdout.startswith("tensor-parallel plan, tp=4: 21 column-parallel, 8 row-parallel, 1 vocab-parallel")
+    assert "2 heads of 64, each held whole by 2 ranks" in stdout  # the demo's 2 key/value heads over 4 ranks
     # --tp 1: this process alone, the shards merged; greedy text equals the one-device artifact's
     code, merged, stderr = invoke("run", str(out), "-p", "The for statement", "-n", "12", "--tp", "1")
     assert code == 0, stderr

@@ -1,7 +1,7 @@
 """The Triton int4 and fp8 matmul kernels against float64 references, under TRITON_INTERPRET=1 on the CPU.
 
 The references are written out in the tests (int4: `tests/conftest.int4_float64`), independently of the
-module's own (`int4_reference`, `fp8_reference`):
+ops' own (`codegen/quant_linear.py`'s `int4_reference`, `fp8_reference`):
 nibbles unpacked with bit ops, group-wise dequantization, products in float64. Random inputs (never zeros),
 odd N, K with several groups and blocks, M on both sides of the GEMV / tiled boundary (16 | 17), split-K
 forced and chosen, zero points absent and fractional, bias and none, and x in float32, bfloat16 and float16.
@@ -17,10 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmforge.codegen.quant_linear import fp8_reference, int4_reference
 from tests.conftest import int4_float64
 
 pytest.importorskip("triton")
-kernels = pytest.importorskip("lmforge.codegen.kernels.quant")
+int4_kernels = pytest.importorskip("lmforge.codegen.kernels.int4")
+fp8_kernels = pytest.importorskip("lmforge.codegen.kernels.fp8")
+split_k = pytest.importorskip("lmforge.codegen.kernels.split_k")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
@@ -64,7 +67,7 @@ INT4_SHAPES = [(37, 96, 32), (65, 320, 64), (40, 256, 128)]  # (N, K, G): 3, 5 a
 def test_int4_matches_reference(M, dtype, shape, asym_bias):
     N, K, G = shape
     x, qweight, scales, zeros, bias = make_int4(M, N, K, G, dtype, asym_bias, asym_bias, seed=M + K)
-    y = kernels.int4_matmul(x, qweight, scales, zeros, G, bias)
+    y = int4_kernels.int4_matmul(x, qweight, scales, zeros, G, bias)
     assert y.dtype == dtype
     close(y, int4_float64(x, qweight, scales, zeros, G, bias), TOL[dtype])
 
@@ -73,30 +76,30 @@ def test_int4_matches_reference(M, dtype, shape, asym_bias):
 @pytest.mark.parametrize("M", [1, 5, 33])
 def test_int4_zeros_and_bias_apart(M, zeros, bias):
     x, qweight, scales, z, b = make_int4(M, 65, 160, 32, torch.float32, zeros, bias, seed=3)
-    close(kernels.int4_matmul(x, qweight, scales, z, 32, b), int4_float64(x, qweight, scales, z, 32, b), 1e-5)
+    close(int4_kernels.int4_matmul(x, qweight, scales, z, 32, b), int4_float64(x, qweight, scales, z, 32, b), 1e-5)
 
 
 @pytest.mark.parametrize("M,n_splits", [(1, 2), (1, 5), (4, 3), (16, 10), (17, 2), (40, 4)])
 def test_int4_split_k(M, n_splits):
     # K = 320 in 10 groups of 32: uneven chunks, and a request for more splits than groups at M = 16
     x, qweight, scales, zeros, bias = make_int4(M, 37, 320, 32, torch.bfloat16, True, True, seed=M)
-    y = kernels.int4_matmul(x, qweight, scales, zeros, 32, bias, n_splits=n_splits)
+    y = int4_kernels.int4_matmul(x, qweight, scales, zeros, 32, bias, n_splits=n_splits)
     close(y, int4_float64(x, qweight, scales, zeros, 32, bias), TOL[torch.bfloat16])
 
 
 def test_int4_chosen_splits_and_strided_rows():
     # the default split count on this "machine" (4 SMs): N = 37 is 3 column tiles, so M = 1 splits K
-    k_chunk, n_splits = kernels._split_k(kernels._tiles(1, 37), 1, 96, 32, torch.device("cpu"), None)
+    k_chunk, n_splits = split_k.split_k(split_k.nominal_tiles(1, 37), 1, 96, 32, torch.device("cpu"), None)
     assert n_splits > 1
     x, qweight, scales, zeros, bias = make_int4(1, 37, 96, 32, torch.float16, True, True, seed=9)
     want = int4_float64(x, qweight, scales, zeros, 32, bias)
-    close(kernels.int4_matmul(x, qweight, scales, zeros, 32, bias), want, TOL[torch.float16])
+    close(int4_kernels.int4_matmul(x, qweight, scales, zeros, 32, bias), want, TOL[torch.float16])
     # x a view of wider rows (row stride 224, not K)
     wide, qweight, scales, zeros, bias = make_int4(20, 37, 224, 32, torch.float32, True, False, seed=10)
     x = wide[:, 64:160]
     qweight, scales, zeros = qweight[:, :48].contiguous(), scales[:, :3].contiguous(), zeros[:, :3].contiguous()
     want = int4_float64(x, qweight, scales, zeros, 32, None)
-    close(kernels.int4_matmul(x, qweight, scales, zeros, 32), want, 1e-5)
+    close(int4_kernels.int4_matmul(x, qweight, scales, zeros, 32), want, 1e-5)
 
 
 class _Spy:
@@ -111,19 +114,19 @@ class _Spy:
 
 
 def test_int4_path_by_m(monkeypatch):
-    gemv, tiled = _Spy(kernels._int4_gemv), _Spy(kernels._int4_tiled)
-    monkeypatch.setattr(kernels, "_int4_gemv", gemv)
-    monkeypatch.setattr(kernels, "_int4_tiled", tiled)
-    for M in (1, kernels.SMALL_M, kernels.SMALL_M + 1):
+    gemv, tiled = _Spy(int4_kernels._int4_gemv), _Spy(int4_kernels._int4_tiled)
+    monkeypatch.setattr(int4_kernels, "_int4_gemv", gemv)
+    monkeypatch.setattr(int4_kernels, "_int4_tiled", tiled)
+    for M in (1, int4_kernels.SMALL_M, int4_kernels.SMALL_M + 1):
         x, qweight, scales, zeros, bias = make_int4(M, 37, 96, 32, torch.float32, True, False)
-        kernels.int4_matmul(x, qweight, scales, zeros, 32, bias)
+        int4_kernels.int4_matmul(x, qweight, scales, zeros, 32, bias)
     assert (gemv.calls, tiled.calls) == (2, 1)
 
 
 def test_int4_reference_function_agrees():
     x, qweight, scales, zeros, bias = make_int4(5, 37, 96, 32, torch.float32, True, True)
     want = int4_float64(x, qweight, scales, zeros, 32, bias)
-    close(kernels.int4_reference(x, qweight, scales, zeros, 32, bias), want, 1e-5)
+    close(int4_reference(x, qweight, scales, zeros, 32, bias), want, 1e-5)
 
 
 # --- fp8 ---------------------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ FP8_SHAPES = [(37, 100), (65, 160)]  # (N, K): K = 100 leaves a tail in every bl
 def test_fp8_matches_quantized_reference(M, dtype, shape):
     N, K = shape
     x, weight, weight_scale, bias = make_fp8(M, N, K, dtype, bias=M % 2 == 1, seed=M + N)
-    y = kernels.fp8_matmul(x, weight, weight_scale, bias)
+    y = fp8_kernels.fp8_matmul(x, weight, weight_scale, bias)
     assert y.dtype == dtype
     close(y, fp8_reference64(x, weight, weight_scale, bias), TOL[dtype])
 
@@ -173,13 +176,13 @@ def test_fp8_close_to_unquantized(M):
     x, weight, weight_scale, bias = make_fp8(M, 65, 160, torch.float32, bias=True, seed=5)
     w = weight.cpu().double() * weight_scale.cpu().double()[:, None]
     want = x.cpu().double() @ w.T + bias.cpu().double()
-    close(kernels.fp8_matmul(x, weight, weight_scale, bias), want, 6e-2)
+    close(fp8_kernels.fp8_matmul(x, weight, weight_scale, bias), want, 6e-2)
 
 
 @pytest.mark.parametrize("M,n_splits", [(1, 3), (5, 2), (20, 4)])
 def test_fp8_split_k(M, n_splits):
     x, weight, weight_scale, bias = make_fp8(M, 37, 200, torch.bfloat16, bias=True, seed=M)
-    y = kernels.fp8_matmul(x, weight, weight_scale, bias, n_splits=n_splits)
+    y = fp8_kernels.fp8_matmul(x, weight, weight_scale, bias, n_splits=n_splits)
     close(y, fp8_reference64(x, weight, weight_scale, bias), TOL[torch.bfloat16])
 
 
@@ -196,7 +199,7 @@ def test_fp8_rounding_is_torchs_bit_for_bit():
             torch.randn(K, generator=g) * 37.0, torch.zeros(K)]
     x = torch.stack(rows).to(DEVICE)
     eye = torch.eye(K).to(E4M3).to(DEVICE)
-    y = kernels.fp8_matmul(x, eye, torch.ones(K, device=DEVICE))
+    y = fp8_kernels.fp8_matmul(x, eye, torch.ones(K, device=DEVICE))
     xq, s = quantize_rows(x)
     assert torch.equal(y.cpu(), xq.float() * s)
     assert y[3].abs().max() == 0
@@ -204,7 +207,7 @@ def test_fp8_rounding_is_torchs_bit_for_bit():
 
 def test_fp8_reference_function_agrees():
     x, weight, weight_scale, bias = make_fp8(6, 37, 100, torch.float32, bias=True)
-    close(kernels.fp8_reference(x, weight, weight_scale, bias), fp8_reference64(x, weight, weight_scale, bias), 1e-5)
+    close(fp8_reference(x, weight, weight_scale, bias), fp8_reference64(x, weight, weight_scale, bias), 1e-5)
 
 
 # --- bad input -----------------------------------------------------------------------------------------
@@ -213,33 +216,33 @@ def test_fp8_reference_function_agrees():
 def test_bad_int4_inputs_are_named():
     x, qweight, scales, zeros, bias = make_int4(2, 37, 96, 32, torch.float32, True, True)
     with pytest.raises(ValueError, match=r"qweight must be \(N, K // 2\) = \(N, 48\) uint8"):
-        kernels.int4_matmul(x, qweight[:, :40], scales, zeros, 32)
+        int4_kernels.int4_matmul(x, qweight[:, :40], scales, zeros, 32)
     with pytest.raises(ValueError, match="qweight must be"):
-        kernels.int4_matmul(x, qweight.to(torch.int8), scales, zeros, 32)
+        int4_kernels.int4_matmul(x, qweight.to(torch.int8), scales, zeros, 32)
     with pytest.raises(ValueError, match="group_size must divide K, got group_size=64 K=96"):
-        kernels.int4_matmul(x, qweight, scales, zeros, 64)
+        int4_kernels.int4_matmul(x, qweight, scales, zeros, 64)
     with pytest.raises(ValueError, match="group_size must be a power of two"):
-        kernels.int4_matmul(x, qweight, scales, zeros, 48)
+        int4_kernels.int4_matmul(x, qweight, scales, zeros, 48)
     with pytest.raises(ValueError, match="scales must be"):
-        kernels.int4_matmul(x, qweight, scales[:, :2], zeros, 32)
+        int4_kernels.int4_matmul(x, qweight, scales[:, :2], zeros, 32)
     with pytest.raises(ValueError, match="zeros must be torch.float32"):
-        kernels.int4_matmul(x, qweight, scales, zeros.half(), 32)
+        int4_kernels.int4_matmul(x, qweight, scales, zeros.half(), 32)
     with pytest.raises(ValueError, match="x must be float16, bfloat16 or float32"):
-        kernels.int4_matmul(x.int(), qweight, scales, zeros, 32)
+        int4_kernels.int4_matmul(x.int(), qweight, scales, zeros, 32)
     with pytest.raises(ValueError, match=r"bias must be a float \(37,\) tensor"):
-        kernels.int4_matmul(x, qweight, scales, zeros, 32, bias[:5])
+        int4_kernels.int4_matmul(x, qweight, scales, zeros, 32, bias[:5])
 
 
 def test_bad_fp8_inputs_are_named():
     x, weight, weight_scale, bias = make_fp8(2, 37, 100, torch.float32, bias=True)
     with pytest.raises(ValueError, match="weight must be"):
-        kernels.fp8_matmul(x, weight.float(), weight_scale)
+        fp8_kernels.fp8_matmul(x, weight.float(), weight_scale)
     with pytest.raises(ValueError, match=r"weight must be \(N, K\) = \(N, 100\)"):
-        kernels.fp8_matmul(x, weight[:, :90], weight_scale)
+        fp8_kernels.fp8_matmul(x, weight[:, :90], weight_scale)
     with pytest.raises(ValueError, match=r"weight_scale must be float32 \(37,\)"):
-        kernels.fp8_matmul(x, weight, weight_scale.half())
+        fp8_kernels.fp8_matmul(x, weight, weight_scale.half())
     with pytest.raises(ValueError, match="x must be 2-d"):
-        kernels.fp8_matmul(x[None], weight, weight_scale)
+        fp8_kernels.fp8_matmul(x[None], weight, weight_scale)
 
 
 # --- the GPU variants compile --------------------------------------------------------------------------
@@ -248,7 +251,8 @@ _COMPILE = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lmforge.codegen.kernels import quant as kernels
+from lmforge.codegen.kernels import fp8 as fp8_kernels
+from lmforge.codegen.kernels import int4 as int4_kernels
 
 def build(fn, types, consts, arch, warps=4, stages=3):
     sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
@@ -259,13 +263,14 @@ def build(fn, types, consts, arch, warps=4, stages=3):
 ints = dict.fromkeys(["M", "N", "K", "stride_xm", "stride_ym", "k_chunk", "M_BUCKET"], "i32")
 int4 = dict(X="*bf16", QW="*u8", SCALES="*bf16", ZEROS="*bf16", BIAS="*bf16", Y="*bf16", PARTIAL="*fp32", **ints)
 for block_m, block_n, block_k in [(1, 64, 128), (16, 64, 128), (128, 128, 64)]:  # GEMV rows, GEMV dot, tiled
-    build(kernels._int4_matmul_kernel, int4, dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=True, SPLIT=block_m == 1,
-          PRECISION=None, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8), 90)
+    build(int4_kernels._int4_matmul_kernel, int4, dict(GROUP_SIZE=128, HAS_ZEROS=True, HAS_BIAS=True,
+          SPLIT=block_m == 1, PRECISION=None, UPCAST=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+          GROUP_M=8), 90)
 for arch, fp8_dot in [(90, True), (80, False)]:
     fp8 = dict(X="*bf16", W="*fp8e4nv" if fp8_dot else "*u8", W_SCALE="*fp32", BIAS="*bf16", Y="*bf16",
                PARTIAL="*fp32", **ints)
-    ptx = build(kernels._fp8_matmul_kernel.fn, fp8, dict(HAS_BIAS=True, SPLIT=False, FP8_DOT=fp8_dot, UPCAST=False,
-                BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), arch, warps=8).asm["ptx"]
+    ptx = build(fp8_kernels._fp8_matmul_kernel.fn, fp8, dict(HAS_BIAS=True, SPLIT=False, FP8_DOT=fp8_dot,
+                UPCAST=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), arch, warps=8).asm["ptx"]
     assert ("wgmma" in ptx) == fp8_dot and "div.rn.f32" in ptx
 print("compiled")
 """

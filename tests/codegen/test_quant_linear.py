@@ -92,11 +92,11 @@ def test_fp8_reference_is_the_quantized_activation_product():
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="the CPU runs Triton interpreted")
 def test_triton_path_through_the_ops(monkeypatch):
-    """LMFORGE_KERNELS=triton sends both ops to codegen/kernels/quant.py (in the interpreter, on the CPU)."""
-    from lmforge.codegen.kernels import quant as kernels
+    """LMFORGE_KERNELS=triton sends the ops to codegen/kernels/int4.py and fp8.py (in the interpreter, on the CPU)."""
+    from lmforge.codegen.kernels import fp8, int4
 
     calls = []
-    for name in ("int4_matmul", "fp8_matmul"):
+    for kernels, name in ((int4, "int4_matmul"), (fp8, "fp8_matmul")):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     monkeypatch.setenv("LMFORGE_KERNELS", "triton")

@@ -10,9 +10,9 @@ import torch
 
 from lmforge.errors import PassError
 from lmforge.ir.capture import capture
-from lmforge.passes import (Instruments, PassManager, PassResult, default_pipeline, format_pipeline, load_reproducer,
-                            parse_pipeline)
-from lmforge.passes import manager as pm
+from lmforge.passes import (Instruments, PassManager, PassResult, QuantizeOptions, default_pipeline, format_pipeline,
+                            load_reproducer, parse_pipeline)
+from lmforge.ir import pass_manager as pm
 from tests.conftest import make_model
 
 
@@ -43,10 +43,11 @@ def test_pipeline_text_round_trips():
     assert steps[2].options.dtype == "float16" and steps[3].options.max_new_bytes == 64
     assert format_pipeline(steps) == text
     assert format_pipeline(parse_pipeline("constant-fold{max_positions=0}")) == "constant-fold"  # defaults are not printed
-    assert default_pipeline("bfloat16") == ("remove-noops,dce,fuse-attention,convert-dtype{dtype=bfloat16},"
-                                            "fuse-rmsnorm,fuse-rotary,constant-fold,dce")
-    assert default_pipeline(None, 64) == ("remove-noops,dce,fuse-attention,fuse-rmsnorm,fuse-rotary,"
-                                          "constant-fold{max_positions=64},dce")
+    assert format_pipeline(default_pipeline("bfloat16")) == ("remove-noops,dce,fuse-attention,"
+                                                             "convert-dtype{dtype=bfloat16},fuse-rmsnorm,fuse-rotary,"
+                                                             "constant-fold,dce")
+    assert format_pipeline(default_pipeline(None, 64)) == ("remove-noops,dce,fuse-attention,fuse-rmsnorm,fuse-rotary,"
+                                                           "constant-fold{max_positions=64},dce")
 
 
 @pytest.mark.parametrize("text, message", [
@@ -86,7 +87,7 @@ def test_requirements_are_checked(fresh_ir, temp_passes):
 
 
 def test_broken_graph_names_the_pass(fresh_ir, temp_passes, tmp_path):
-    @temp_passes("breaks-dtypes")
+    @temp_passes("breaks-dtypes", preserves=pm.PROPERTIES)  # it says it keeps the specs, and does not
     def breaks(ir, options):
         linear = next(n for n in ir.graph.nodes if n.target is torch.ops.aten.addmm.default)
         del linear.meta["spec"]  # a pass that forgets to keep specs up to date
@@ -134,3 +135,42 @@ def test_option_types(temp_passes):
     assert str(step) == "typed{flag=true,count=3}"
     with pytest.raises(PassError, match="typed.flag must be true or false"):
         parse_pipeline("typed{flag=maybe}")
+
+
+@pytest.mark.parametrize("pipeline, late, missing, before", [
+    # quantize reads float weights as captured: after convert-dtype it would quantize rounded ones
+    ("convert-dtype{dtype=bfloat16},quantize{scheme=int4,group_size=32}", "quantize", "source-dtype", "convert-dtype"),
+    # fuse-attention's rules run the op in the cache dtype convert-dtype then gives it
+    ("convert-dtype{dtype=bfloat16},fuse-attention", "fuse-attention", "source-dtype", "convert-dtype"),
+    # the fusions match the per-position work constant-fold tabulates away
+    ("constant-fold,fuse-rmsnorm", "fuse-rmsnorm", "unfolded", "constant-fold"),
+    ("quantize{scheme=fp8},quantize{scheme=fp8}", "quantize", "unquantized", "quantize"),
+    # shard is last: every rewrite after it would work on one rank's slices
+    ("shard{tp=2},constant-fold", "constant-fold", "unsharded", "shard"),
+    ("shard{tp=2},remove-noops", "remove-noops", "unsharded", "shard"),
+])
+def test_ordering_rules_are_enforced(fresh_ir, pipeline, late, missing, before):
+    with pytest.raises(PassError) as err:
+        PassManager(pipeline).run(fresh_ir())
+    assert str(err.value).startswith(f"pass {late!r} requires [{missing!r}], which the passes before it ({before}")
+
+
+def test_dce_may_follow_shard_and_the_default_pipeline_obeys_the_rules(fresh_ir):
+    PassManager("shard{tp=2},dce").run(fresh_ir())
+    for dtype in (None, "bfloat16"):
+        for quant in (None, QuantizeOptions("int4", group_size=32)):
+            steps = default_pipeline(dtype, 32, quant, tp=2)
+            missing = pm.check_order(steps)
+            assert missing is None, missing
+
+
+def test_a_pass_preserves_nothing_unless_it_says_so(temp_passes, fresh_ir):
+    @temp_passes("silent")
+    def silent(ir, options):
+        return PassResult(False)
+
+    assert pm.registered_passes()["silent"].preserves == frozenset()
+    with pytest.raises(PassError, match=r"'dce' requires \['specs'\].*\(silent\)"):
+        PassManager("silent,dce").run(fresh_ir())
+    with pytest.raises(ValueError, match="unknown properties"):
+        temp_passes("typo", requires=("spec",))(silent)

@@ -204,5 +204,44 @@ def test_errors():
     with pytest.raises(PassError, match="pass scheme=int4 or scheme=fp8"):
         _quantized(model, "group_size=32")
     ir = _quantized(model, "scheme=int4,group_size=32")
+    # a quantized graph starting a new pipeline (as one read back from disk would) has a captured graph's
+    # properties, so the manager lets it through: the pass's own check refuses it
+    from lmforge.ir.pass_manager import CAPTURED
+
     with pytest.raises(PassError, match="already quantized"):
-        PassManager("quantize{scheme=fp8}").run(ir, frozenset({"specs", "cache-in-place"}))
+        PassManager("quantize{scheme=fp8}").run(ir, CAPTURED)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(), "quantize: pass scheme=int4 or scheme=fp8"),
+    (dict(scheme="int4", dtype="int8"), "quantize: dtype must be float32, bfloat16 or float16, got 'int8'"),
+    (dict(scheme="int4", skip="lm_head{x}"), "skip 'lm_head{x}' may not contain ',', '{' or '}'"),
+    (dict(scheme="int4", group_size=48), "int4 group size must be one of 32, 64, 128, 256, got 48"),
+    (dict(scheme="int4", overrides="*.down_proj:fast"), "bad quantization setting 'fast'"),
+])
+def test_options_are_checked_in_one_place(options, message):
+    """`QuantizeOptions.resolve` is what both the API (before capturing) and the pass (before rewriting) call."""
+    from lmforge.errors import LmforgeError
+    from lmforge.passes.quantize import QuantizeOptions
+
+    with pytest.raises(LmforgeError, match=message.replace("{", r"\{").replace("}", r"\}")):
+        QuantizeOptions(**options).resolve()
+
+
+def test_api_builds_typed_options_into_the_pipeline():
+    """The API's arguments become a `QuantizeOptions` step in the default pipeline, never text parsed back; an
+    fp8 step carries none of int4's settings, and the recorded text is the steps' `format_pipeline`."""
+    from lmforge.api import _quantize_options
+    from lmforge.passes import PipelineStep, QuantizeOptions, default_pipeline, format_pipeline
+
+    options = _quantize_options("int4", 64, True, "rtn", ["lm_head", "*.gate_proj"], {"*.down_proj": "g32"})
+    assert options == QuantizeOptions("int4", group_size=64, symmetric=True, skip="lm_head|*.gate_proj",
+                                      overrides="*.down_proj:g32")
+    steps = default_pipeline("bfloat16", 64, options)
+    assert steps[3] == PipelineStep("quantize", QuantizeOptions("int4", group_size=64, symmetric=True,
+                                                                skip="lm_head|*.gate_proj", overrides="*.down_proj:g32",
+                                                                dtype="bfloat16"))
+    assert format_pipeline(steps[3:5]) == ("quantize{scheme=int4,group_size=64,symmetric=true,skip=lm_head|*.gate_proj,"
+                                           "overrides=*.down_proj:g32,dtype=bfloat16},convert-dtype{dtype=bfloat16}")
+    assert _quantize_options("fp8", 64, True, "hqq", None, None) == QuantizeOptions("fp8")
+    assert _quantize_options(None, 128, False, "rtn", None, None) is None

@@ -16,8 +16,8 @@ import torch
 from lmforge.codegen.collectives import all_gather, all_reduce
 from lmforge.errors import PassError
 from lmforge.ir.capture import capture
-from lmforge.passes import PassManager, default_pipeline
-from lmforge.passes.shard import assemble, for_rank, unshard
+from lmforge.passes import PassManager, default_pipeline, parse_pipeline
+from lmforge.passes.shard import assemble, for_rank, plan, unshard
 from tests.conftest import VOCAB, make_model, random_ids, run_ranks
 
 aten = torch.ops.aten
@@ -30,7 +30,8 @@ def _optimized(arch: str, quant: str | None = None):
     if key not in _cache:
         model = make_model(arch)
         ir = capture(model)
-        PassManager(default_pipeline(None, 64, quant)).run(ir)
+        options = parse_pipeline(f"quantize{{{quant}}}")[0].options if quant else None
+        PassManager(default_pipeline(None, 64, options)).run(ir)
         _cache[key] = (model, ir)
     return _cache[key]
 
@@ -66,7 +67,7 @@ def test_sharded_logits_equal_hf(arch, tp):
     for got in _run_sharded(ir, ids, tp):
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    assert ir.tensor_parallel["replicated"] == {}
+    assert ir.tensor_parallel.replicated == {}
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -94,7 +95,7 @@ def test_fp8_sharded_is_close():
 
 def _weight(ir, name: str, rank: int = 0) -> torch.Tensor:
     attr = next(a for a, n in ir.weight_names.items() if n == name)
-    return ir.rank_weights[rank].get(attr, ir.weight(attr))
+    return ir.tensor_parallel.rank_weights[rank].get(attr, ir.weight(attr))
 
 
 def test_llama_ir_column_row_and_collectives():
@@ -151,6 +152,57 @@ def test_gpt2_fused_qkv_cut_per_piece():
     assert next(iter(reduce.users)).target is aten.add.Tensor
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_plan_is_what_the_rewrite_does(arch):
+    """`plan` leaves the graph alone, and its weights, collectives and KV heads are what the pass then does."""
+    from lmforge.ir.printer import format_ir
+
+    _, whole = _optimized(arch)
+    ir = copy.deepcopy(whole)
+    p = plan(ir, 2)
+    assert format_ir(ir) == format_ir(whole) and ir.tensor_parallel is None
+    PassManager("shard{tp=2}").run(ir)
+    tp = ir.tensor_parallel
+    done = {ir.weight_names[attr].removesuffix(".tp"): (c.axis, c.shape, c.ranks) for attr, c in tp.weights.items()}
+    planned = {w.weight: (w.cut.axis, w.cut.shape, w.cut.ranks) for w in p.weights}
+    assert planned == done
+    for op in ("all_reduce", "all_gather"):
+        mine = [c for c in p.collectives if c.op == op]
+        assert len(mine) == tp.collectives[op].count
+        assert sum(c.elements_per_token for c in mine) == tp.collectives[op].elements_per_token
+    caches = {n.name: n.meta["spec"].shape[1] for n in ir.graph.nodes if n.name.startswith(("k_cache", "v_cache"))}
+    assert p.kv_heads == caches
+    assert [r.layer for r in p.replicated] == list(tp.replicated)
+
+
+def test_plan_reads_as_a_table():
+    _, whole = _optimized("llama")
+    text = plan(whole, 2).format()
+    lines = text.splitlines()
+    assert lines[0] == ("tensor-parallel plan, tp=2: 11 column-parallel, 4 row-parallel, 1 vocab-parallel and 0 "
+                        "replicated layers; per step 5 all-reduces, 1 all-gather")
+
+    def row(weight):
+        return next(line.split() for line in lines if line.split()[:1] == [weight])
+
+    q = row("model.layers.0.self_attn.q_proj.weight")
+    assert q[1:6] == ["column", "0", "64x64", "[0,32)", "[32,64)"]
+    assert " ".join(q[6:]) == "column-parallel: output features in whole heads of 16"
+    down = row("model.layers.0.mlp.down_proj.weight")
+    assert down[1:6] == ["row", "1", "64x112", "[0,56)", "[56,112)"]
+    assert " ".join(down[6:]) == ("row-parallel: input features as model.layers.0.mlp.gate_proj, "
+                                  "model.layers.0.mlp.up_proj cut them")
+    assert row("model.embed_tokens.weight")[1:6] == ["vocab", "0", "131x64", "[0,66)", "[66,132)"]
+    assert row("lm_head.weight")[6:9] == ["column-parallel:", "output", "features"]  # padded 131 -> 132, gathered
+    assert any("logits gather" in line and "cut back to 131" in line for line in lines)
+    assert "  %k_cache_0  kv cache  1 heads" in lines
+
+
+def test_plan_of_one_rank_is_empty():
+    _, whole = _optimized("llama")
+    assert plan(whole, 1).layers == {} and plan(whole, 1).weights == []
+
+
 def test_tp_that_does_not_divide_the_heads_is_refused():
     with pytest.raises(PassError, match=r"tp=3 does not divide the 4 heads of 16 of model\.layers\.0\.self_attn\.q_proj"):
         _sharded("llama", 3)
@@ -173,8 +225,8 @@ def test_shard_twice_is_refused():
 def test_unshard_gives_back_the_one_device_graph(arch):
     model, whole = _optimized(arch)
     _, ir = _sharded(arch, 2)
-    cuts = ir.tensor_parallel["weights"]
-    unshard(ir, assemble(cuts, ir.rank_weights))
+    cuts = ir.tensor_parallel.weights
+    unshard(ir, assemble(cuts, ir.tensor_parallel.rank_weights))
     ids = random_ids(2, 7)
     torch.testing.assert_close(_logits(ir, ids), _logits(whole, ids), rtol=0, atol=1e-6)
     assert not any(n.target in (all_reduce, all_gather) for n in ir.graph.nodes)
@@ -208,8 +260,10 @@ def test_unshardable_use_keeps_its_layers_replicated():
     residual.replace_all_uses_with(added, delete_user_cb=lambda user: user is not added)
     ir.gm.recompile()
     whole = copy.deepcopy(ir)
+    planned = {r.layer: r.why for r in plan(ir, 2).replicated}
     PassManager("shard{tp=2}").run(ir)
-    replicated = ir.tensor_parallel["replicated"]
+    replicated = ir.tensor_parallel.replicated
+    assert planned == replicated
     assert "aten.sum.dim_IntList" in replicated["model.layers.0.mlp.gate_proj"]
     assert set(replicated) == {f"model.layers.0.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
     assert ir.history[-1]["stats"]["column-layers"] == 9  # layer 1's MLP and both attentions still shard
@@ -227,12 +281,12 @@ def test_more_families_match_hf(family):
 
     model = build_family(family)
     ir = capture(model)
-    PassManager(default_pipeline(None, 64) + ",shard{tp=2}").run(ir)
+    PassManager(default_pipeline(None, 64) + parse_pipeline("shard{tp=2}")).run(ir)
     ids = random_ids(1, 6)
     with torch.no_grad():
         expected = model(ids).logits
     for got in _run_sharded(ir, ids, 2):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    replicated = ir.tensor_parallel["replicated"]
+    replicated = ir.tensor_parallel.replicated
     assert bool(replicated) == (family in ("gemma2", "falcon")), replicated
     assert ir.history[-1]["stats"]["row-layers"] >= 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import lmforge
-from lmforge.runtime.bind import CPU_IMPLS
+from lmforge.ir.ops import registered_ops
 from tests.conftest import random_ids
 
 
@@ -15,10 +15,11 @@ def test_bound_engine_is_bit_identical(arch, artifacts, monkeypatch):
     plain = lmforge.load(path)
     monkeypatch.setenv("LMFORGE_BIND", "1")
     bound = lmforge.load(path)
-    ops = [n.target for n in plain.ir.graph.nodes if n.target in CPU_IMPLS]
-    assert ops and not any(n.target in CPU_IMPLS for n in bound.ir.graph.nodes)
-    assert sorted(CPU_IMPLS[op].__name__ for op in ops) == sorted(
-        n.target.__name__ for n in bound.ir.graph.nodes if n.target in CPU_IMPLS.values())
+    impls = {op: facts.cpu for op, facts in registered_ops().items() if facts.cpu is not None}
+    ops = [n.target for n in plain.ir.graph.nodes if n.target in impls]
+    assert ops and not any(n.target in impls for n in bound.ir.graph.nodes)
+    assert sorted(impls[op].__name__ for op in ops) == sorted(
+        n.target.__name__ for n in bound.ir.graph.nodes if n.target in impls.values())
     ids = random_ids(2, 7)
     assert torch.equal(plain.forward(ids), bound.forward(ids))
     assert torch.equal(plain.generate(ids[:1], max_new_tokens=8), bound.generate(ids[:1], max_new_tokens=8))

@@ -3,6 +3,8 @@
 The children run a probe module written into tmp_path (found through PYTHONPATH, which launch passes on); they
 record what they saw and their pids in files. Every wait has a deadline, and a fixture kills any probe child
 still alive at teardown, so a broken launcher fails these tests instead of hanging them or leaking processes.
+The last tests cover what the CLI calls: `start_ranks` (how many ranks, and the one error line a job prints)
+and `rank_error`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.runtime import launch as launch_mod
-from lmforge.runtime.launch import launch, under_launcher
+from lmforge.errors import LmforgeError
+from lmforge.runtime.launch import ERROR_DIR, JobExit, launch, rank_error, start_ranks, under_launcher
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and process handling")
 
@@ -280,3 +283,49 @@ def test_sigkill_to_the_launcher_takes_the_ranks_with_it(out):
         proc.kill()  # no handler runs: only the kernel's death signal can end the children
         proc.wait(timeout=5)
         assert _still_alive(pids, timeout=5) == []
+
+
+def test_rank_error_prints_one_line_per_job(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(ERROR_DIR, raising=False)
+    assert rank_error("error: x") == "error: x"  # no job: as is
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert rank_error("error: x") == "rank 1: error: x"  # torchrun's rank 1: every rank prints, each says who
+    monkeypatch.setenv(ERROR_DIR, str(tmp_path))  # a job start_ranks started: the line is left for it
+    assert rank_error("error: x") is None
+    monkeypatch.setenv("RANK", "0")
+    assert rank_error("error: y") == "error: y"
+    assert {f.name: f.read_text() for f in tmp_path.iterdir()} == {"rank0": "error: y", "rank1": "error: x"}
+
+
+def test_start_ranks_inside_a_job_checks_its_size(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(LmforgeError, match="--tp 3 differs from the 2 processes this job was started with"):
+        start_ranks(["run"], Path("unused"), 3, "cpu")
+    assert start_ranks(["run"], Path("unused"), 2, "cpu") is None  # this rank goes on and runs the artifact
+    monkeypatch.delenv("WORLD_SIZE")
+    assert start_ranks(["run"], Path("unused"), 1, "cpu") is None  # one rank: this process is it
+
+
+@pytest.mark.parametrize("left, code, error", [
+    ({"rank0": "error: a", "rank1": "error: b"}, 1, None),  # rank 0 printed its own
+    ({"rank10": "error: ten", "rank2": "error: two"}, 1, "error: two"),  # the lowest rank by number, not name
+    ({"rank1": "error: b"}, 0, None),  # a job that succeeded says nothing more
+])
+def test_start_ranks_hands_back_one_error_line(monkeypatch, left, code, error):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv(ERROR_DIR, "")  # start_ranks sets both; monkeypatch puts them back after
+    started = []
+
+    def fake_launch(argv, nproc):  # the ranks' part: leave error lines where start_ranks said
+        started.append((argv, nproc))
+        for name, line in left.items():
+            Path(os.environ[ERROR_DIR], name).write_text(line)
+        return code
+
+    monkeypatch.setattr(launch_mod, "launch", fake_launch)
+    assert start_ranks(["run", "a", "--tp", "3"], Path("unused"), 3, "cpu") == JobExit(code, error)
+    assert started == [(["run", "a", "--tp", "3"], 3)]

@@ -13,7 +13,8 @@ import torch
 
 import lmforge
 from lmforge.errors import ArtifactError, LmforgeError
-from lmforge.runtime.engine import Engine
+from lmforge.ir.tensor_parallel import TensorParallelSummary
+from lmforge.runtime.artifact import load_graph, read_manifest
 from tests.conftest import make_model, random_ids, run_ranks
 
 _arts: dict = {}
@@ -31,7 +32,7 @@ def _artifact(tmp_path_factory, arch: str, tp: int, quant: str | None = None):
 
 
 def _ranks(path, tp: int, fn):
-    return run_ranks(lambda r: fn(Engine.load(path, tp=tp, rank=r)), tp)
+    return run_ranks(lambda r: fn(lmforge.load(path, tp=tp, rank=r)), tp)
 
 
 def test_layout_on_disk(tmp_path_factory):
@@ -54,6 +55,10 @@ def test_layout_on_disk(tmp_path_factory):
     _, one = _artifact(tmp_path_factory, "llama", 1)
     whole = json.loads((one / "manifest.json").read_text())
     assert manifest["params"] == whole["params"]  # counted whole, not per rank
+    assert TensorParallelSummary.from_json(tp).to_json() == tp
+    loaded = load_graph(read_manifest(path))  # the cuts' roles (a table's row offsets: not parameters) survive
+    assert loaded.param_count() == manifest["params"]
+    assert {c.role for c in loaded.tensor_parallel.weights.values()} == {"slice", "offset"}
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
@@ -64,7 +69,7 @@ def test_ranks_match_hf_and_one_process_reshards(tmp_path_factory, arch):
         expected = model(ids).logits
     for got in _ranks(path, 2, lambda eng: eng.forward(ids)):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    merged = Engine.load(path)  # a process on its own: 2 -> 1
+    merged = lmforge.load(path)  # a process on its own: 2 -> 1
     assert merged.tp == 1
     torch.testing.assert_close(merged.forward(ids), expected, rtol=0, atol=1e-5)
 
@@ -86,10 +91,10 @@ def test_int4_tp2_matches_int4_tp1(tmp_path_factory):
     _, one = _artifact(tmp_path_factory, "llama", 1, "int4")
     _, two = _artifact(tmp_path_factory, "llama", 2, "int4")
     ids = random_ids(2, 7)
-    expected = Engine.load(one).forward(ids)
+    expected = lmforge.load(one).forward(ids)
     for got in _ranks(two, 2, lambda eng: eng.forward(ids)):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
-    torch.testing.assert_close(Engine.load(two).forward(ids), expected, rtol=0, atol=1e-5)  # 2 -> 1
+    torch.testing.assert_close(lmforge.load(two).forward(ids), expected, rtol=0, atol=1e-5)  # 2 -> 1
 
 
 def test_generate_greedy_and_sampled(tmp_path_factory):
@@ -116,12 +121,12 @@ def test_damaged_rank_file_is_one_line(tmp_path_factory, tmp_path):
     shutil.copytree(path, copy)
     (copy / "model.rank1.safetensors").write_bytes((copy / "model.rank1.safetensors").read_bytes()[:-10])
     with pytest.raises(ArtifactError, match=r"model\.rank1\.safetensors is truncated or corrupt"):
-        Engine.load(copy, tp=2, rank=0)
+        lmforge.load(copy, tp=2, rank=0)
 
 
 def test_bad_tp_arguments(tmp_path_factory):
     _, path = _artifact(tmp_path_factory, "llama", 2)
     with pytest.raises(ArtifactError, match="rank 2 is outside tp=2"):
-        Engine.load(path, tp=2, rank=2)
+        lmforge.load(path, tp=2, rank=2)
     with pytest.raises(LmforgeError, match="tp must be a whole number of ranks"):
         lmforge.optimize(make_model("llama"), path.parent / "x", tp=0)

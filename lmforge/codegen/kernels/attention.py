@@ -21,7 +21,6 @@ Under `TRITON_INTERPRET=1` (the CPU) one small configuration runs, so tests cove
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -347,7 +346,3 @@ def attention(q, k_cache, v_cache, attention_mask, scale: float, causal: bool = 
     if q.shape[2] <= DECODE_MAX_Q and G * q.shape[2] <= 128:
         return decode(q, k_cache, v_cache, attention_mask, scale, causal, window)
     return prefill(q, k_cache, v_cache, attention_mask, scale, causal, window)
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

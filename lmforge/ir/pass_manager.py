@@ -11,6 +11,21 @@ listed in `preserves` is dropped after it runs (MLIR's rule: nothing survives un
 The manager checks requirements before each pass, records time and stats, and runs instruments around
 it: print-after, dump-to-directory, verify-after-each (debug mode) and a reproducer written when a pass
 fails, holding the input graph and the pipeline string that broke it.
+
+The properties, and the ordering rules they enforce (a pass that needs one fails before it runs, in one
+line naming it and the passes before it):
+
+    specs           every node carries meta["spec"] (capture; every pass keeps it)
+    cache-in-place  KV writes are in-place copies into the cache inputs (capture; fuse-attention needs it)
+    source-dtype    the weights are still in the dtype they were captured in: quantize and fuse-attention
+                    need it, convert-dtype ends it (so both run before convert-dtype)
+    unquantized     no layer is quantized yet: quantize needs it and ends it (it runs once)
+    unfolded        constant-fold has not run: the fusions need it (they run before constant-fold)
+    unsharded       one device's graph: every rewrite but dce needs it, shard ends it (shard runs last)
+    folded          weight-only subgraphs are folded (constant-fold establishes it)
+
+This module sits in `ir/` because both the compiler's passes (`passes/`) and the runtime's load pipeline
+(`runtime/load.py`) register passes with it; it imports neither.
 """
 
 from __future__ import annotations
@@ -42,15 +57,14 @@ class PassInfo:
     name: str
     fn: Callable[[GraphIR, Any], PassResult]
     options: type
-    phase: str
     requires: frozenset[str]
     establishes: frozenset[str]
     preserves: frozenset[str]
 
 
-# Properties a graph can have; capture establishes the first two.
-PROPERTIES = frozenset({"specs", "cache-in-place", "no-asserts", "folded", "dtype-converted"})
-CAPTURED = frozenset({"specs", "cache-in-place"})
+# Properties a graph can have (see the module docstring); capture establishes CAPTURED.
+PROPERTIES = frozenset({"specs", "cache-in-place", "source-dtype", "unquantized", "unfolded", "unsharded", "folded"})
+CAPTURED = frozenset({"specs", "cache-in-place", "source-dtype", "unquantized", "unfolded", "unsharded"})
 
 _REGISTRY: dict[str, PassInfo] = {}
 
@@ -59,27 +73,28 @@ def register_pass(
     name: str,
     *,
     options: type = NoOptions,
-    phase: str = "cleanup",
     requires: Iterable[str] = ("specs",),
     establishes: Iterable[str] = (),
-    preserves: Iterable[str] = PROPERTIES,
+    preserves: Iterable[str] = (),
 ):
-    """Register `fn` under `name`. Options must be a frozen dataclass with defaults for every field."""
+    """Register `fn` under `name`. Options must be a frozen dataclass with defaults for every field. A pass
+    keeps only the properties it lists in `preserves` (default: none)."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"pass {name!r} registered twice")
-        _REGISTRY[name] = PassInfo(
-            name, fn, options, phase, frozenset(requires), frozenset(establishes), frozenset(preserves)
-        )
+        unknown = (set(requires) | set(establishes) | set(preserves)) - PROPERTIES
+        if unknown:
+            raise ValueError(f"pass {name!r} names unknown properties {sorted(unknown)}")
+        _REGISTRY[name] = PassInfo(name, fn, options, frozenset(requires), frozenset(establishes), frozenset(preserves))
         return fn
 
     return wrap
 
 
 def registered_passes() -> dict[str, PassInfo]:
-    import lmforge.passes  # noqa: F401  (registers the built-in passes)
-
+    """The passes registered so far: importing `lmforge.passes` registers the compiler's, importing
+    `lmforge.runtime.load` the runtime's load pipeline."""
     return dict(_REGISTRY)
 
 
@@ -181,6 +196,22 @@ class Instruments:
     on_pipeline_start: Callable[[int], None] | None = None  # progress reporting: how many passes will run
 
 
+def check_order(steps: Iterable[PipelineStep], properties: frozenset[str] = CAPTURED) -> str | None:
+    """Why `steps` cannot run in this order on a graph with `properties` (the first pass that needs a property
+    the passes before it ended), or None."""
+    passes = registered_passes()
+    done: list[str] = []
+    for step in steps:
+        info = passes[step.name]
+        missing = info.requires - properties
+        if missing:
+            return (f"pass {step.name!r} requires {sorted(missing)}, which the passes before it "
+                    f"({', '.join(done) or 'none'}) did not establish or did not preserve")
+        properties = (properties & info.preserves) | info.establishes
+        done.append(step.name)
+    return None
+
+
 class PassManager:
     def __init__(self, pipeline: str | list[PipelineStep], instruments: Instruments | None = None):
         self.steps = parse_pipeline(pipeline) if isinstance(pipeline, str) else list(pipeline)
@@ -196,18 +227,15 @@ class PassManager:
 
         passes = registered_passes()
         inst = self.instruments
+        problem = check_order(self.steps, properties)  # before any pass runs: an ordering error costs nothing
+        if problem:
+            raise PassError(problem)
         verify(ir, where="before the pipeline")
         if inst.on_pipeline_start:
             inst.on_pipeline_start(len(self.steps))
         done: list[str] = []
         for index, step in enumerate(self.steps):
             info = passes[step.name]
-            missing = info.requires - properties
-            if missing:
-                raise PassError(
-                    f"pass {step.name!r} requires {sorted(missing)}, which the passes before it "
-                    f"({', '.join(done) or 'none'}) did not establish or did not preserve"
-                )
             if inst.on_pass_start:
                 inst.on_pass_start(step.name)
             nodes_before = len(ir.graph.nodes)
@@ -225,7 +253,6 @@ class PassManager:
                 detail = str(e).splitlines()[0] if str(e) else type(e).__name__
                 raise PassError(f"pass {step.name!r} failed{before}: {detail}") from e
             seconds = time.perf_counter() - start
-            properties = (properties & info.preserves) | info.establishes
             done.append(step.name)
             ir.history.append(
                 {

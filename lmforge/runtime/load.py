@@ -1,0 +1,80 @@
+"""The load pipeline: the rewrites that fit a loaded graph to this machine, run by the pass manager.
+
+    retarget{device=cuda:0}         point the graph's tensor creations (`arange(..., device=cpu)`) at the device
+    weight-layout{layout=gemv}      store linear weights the way this machine multiplies fastest (`layout.py`)
+    prepare-quantized{device=cpu}   widen int4 scales and zero points to float32 for the CPU kernel (`layout.py`)
+    bind-cpu-kernels{device=cpu}    point lmforge:: op nodes at their CPU implementations (`bind.py`)
+
+They change the loaded, in-memory graph only, never the artifact. Each is a registered pass like the
+compiler's, so the manager verifies the graph around them and records them in `ir.history`, and
+`lmforge inspect --load` prints what they did. `load_pipeline` says which run for a device and layout;
+`prepare` runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lmforge.ir.graph import GraphIR
+from lmforge.ir.pass_manager import PROPERTIES, PassManager, PassResult, register_pass
+from lmforge.runtime import bind, layout
+
+LOADED = frozenset({"specs", "cache-in-place"})  # what a graph read from an artifact is known to have
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    device: str = "cpu"
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    layout: str = "source"  # one of layout.LAYOUTS
+
+
+@register_pass("retarget", options=DeviceOptions, preserves=PROPERTIES)
+def retarget(ir: GraphIR, options: DeviceOptions) -> PassResult:
+    """Point the graph's tensor creations at `device` (the artifact's graph creates them on the CPU)."""
+    device = torch.device(options.device)
+    count = 0
+    for node in ir.graph.nodes:
+        if isinstance(node.kwargs.get("device"), torch.device) and node.kwargs["device"] != device:
+            node.kwargs = {**node.kwargs, "device": device}
+            count += 1
+    return PassResult(bool(count), {"retargeted": count})
+
+
+@register_pass("weight-layout", options=LayoutOptions, preserves=PROPERTIES)
+def weight_layout(ir: GraphIR, options: LayoutOptions) -> PassResult:
+    count = layout.apply_layout(ir, options.layout)
+    return PassResult(bool(count), {f"{options.layout}-linears": count} if count else {})
+
+
+@register_pass("prepare-quantized", options=DeviceOptions, preserves=PROPERTIES)
+def prepare_quantized(ir: GraphIR, options: DeviceOptions) -> PassResult:
+    count = layout.prepare_quantized(ir, torch.device(options.device))
+    return PassResult(bool(count), {"widened-int4-layers": count} if count else {})
+
+
+@register_pass("bind-cpu-kernels", options=DeviceOptions, preserves=PROPERTIES)
+def bind_cpu_kernels(ir: GraphIR, options: DeviceOptions) -> PassResult:
+    count = bind.bind_cpu_kernels(ir, torch.device(options.device))
+    return PassResult(bool(count), {"bound": count} if count else {})
+
+
+def load_pipeline(device: torch.device, weight_layout: str) -> str:
+    """The load passes for `device` with linear weights in `weight_layout`, as a pipeline string."""
+    steps = [] if device.type == "cpu" else [f"retarget{{device={device}}}"]
+    if weight_layout != "source":
+        steps.append(f"weight-layout{{layout={weight_layout}}}")
+    if device.type == "cpu":
+        steps += ["prepare-quantized", "bind-cpu-kernels"]
+    return ",".join(steps)
+
+
+def prepare(ir: GraphIR, device: torch.device, weight_layout: str) -> GraphIR:
+    """Run the load pipeline on a graph read from an artifact."""
+    pipeline = load_pipeline(device, weight_layout)
+    return PassManager(pipeline).run(ir, properties=LOADED) if pipeline else ir
