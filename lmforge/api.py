@@ -230,7 +230,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
     else:
         from lmforge.passes.shard import reshard
 
-        ir = reshard(load_graph(art, device), read_rank_weights(art, device), tp, rank)
+        per_rank = read_rank_weights(art, device)  # each rank file read once: rank 0's also gives the graph's
+        ir = reshard(load_graph(art, device, 0, per_rank[0] if per_rank else None), per_rank, tp, rank)
     graph_cost = cost(ir)  # of the graph as the artifact holds it, before the load pipeline rewrites it
     layout = choose_layout(device, ir.kv.dtype)
     ir = prepare(ir, device, layout)

@@ -137,9 +137,11 @@ def read_rank_weights(art: Artifact, device: str | torch.device = "cpu") -> list
     return [_read_weights(art.path / rank_file(r), device) for r in range(artifact_tp(art))] if artifact_tp(art) > 1 else []
 
 
-def load_graph(art: Artifact, device: str | torch.device = "cpu", rank: int = 0) -> GraphIR:
+def load_graph(art: Artifact, device: str | torch.device = "cpu", rank: int = 0,
+               rank_weights: dict[str, torch.Tensor] | None = None) -> GraphIR:
     """The `GraphIR` that rank `rank` of the artifact's tp runs (rank 0 of 1 for a one-device artifact), with
-    its weights on `device`. Another tp is the compiler's business: `lmforge.load` reshards."""
+    its weights on `device`; `rank_weights`, when given, is that rank's file already read (`read_rank_weights`).
+    Another tp is the compiler's business: `lmforge.load` reshards."""
     from lmforge.ir.serialize import graph_from_json
 
     saved = artifact_tp(art)
@@ -147,7 +149,7 @@ def load_graph(art: Artifact, device: str | torch.device = "cpu", rank: int = 0)
         raise ArtifactError(f"rank {rank} is outside tp={saved}")
     weights = _read_weights(art.path / WEIGHTS, device)
     if saved > 1:
-        weights.update(_read_weights(art.path / rank_file(rank), device))
+        weights.update(rank_weights if rank_weights is not None else _read_weights(art.path / rank_file(rank), device))
     try:
         doc = json.loads((art.path / GRAPH).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
