@@ -27,7 +27,15 @@ def test_demo_model_by_default(tmp_path):
     assert m["tokenizer"]["eos_token_id"] == 0 and m["tokenizer"]["files"][0] == "special_tokens_map.json"
     eng = lmforge.load(art.path)
     text = "".join(eng.stream("The if statement", max_new_tokens=8))
-    assert len(text) > 0
+    # the artifact is the demo checkpoint: it continues as Hugging Face greedy does on those weights
+    from transformers import AutoModelForCausalLM
+
+    from lmforge.demo import model_dir
+
+    hf = AutoModelForCausalLM.from_pretrained(model_dir(), dtype=torch.bfloat16).eval()
+    ids = torch.tensor([eng.encode("The if statement")])
+    want = hf.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert text == eng.decode_text(want) and len(text) > 5
 
 
 @pytest.mark.parametrize("kwargs, message", [

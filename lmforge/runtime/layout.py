@@ -82,12 +82,39 @@ def apply_layout(ir: GraphIR, layout: str) -> int:
 
 
 def use_gemv(ir: GraphIR) -> int:
-    """`aten.linear` on a bfloat16 weight -> `lmforge.linear` (same arguments, same result contract)."""
+    """bfloat16 linears -> `lmforge.linear` (F.linear's contract); returns how many were rewritten.
+
+    `aten.linear(x, W[, b])` only changes its target. GPT-2's Conv1D form, `addmm(b, x, A)` and `mm(x, A)`
+    with `A = W.T` held as (in, out), gets `W` stored contiguous once (the kernel streams rows of W) and
+    becomes `lmforge.linear(x, W[, b])`.
+    """
     count = 0
     for lin in _plain_linears(ir):
         if lin.weight.meta["spec"].dtype == torch.bfloat16:
             lin.node.target = linear
             count += 1
+    untransposed: dict[str, str] = {}
+    for lin in find_linears(ir.graph):
+        node = lin.node
+        if not (node.target in (aten.addmm.default, aten.mm.default) and lin.transposed and lin.through is None
+                and lin.weight.meta["spec"].dtype == torch.bfloat16):
+            continue
+        attr = lin.weight.target
+        if attr not in untransposed:
+            untransposed[attr] = ir.unique_attr(f"{attr}_t")
+            ir.set_weight(untransposed[attr], ir.weight(attr).t().contiguous(),
+                          source_name=ir.weight_names.get(attr, attr) + ".T", kind=ir.weight_kind(attr))
+        spec = lin.weight.meta["spec"]
+        with ir.graph.inserting_before(node):
+            w = ir.graph.get_attr(untransposed[attr])
+            new = ir.graph.call_function(linear, (lin.x, w, lin.bias))
+        w.meta["spec"] = replace(spec, shape=tuple(reversed(spec.shape)))
+        new.meta["spec"] = node.meta["spec"]
+        node.replace_all_uses_with(new)
+        ir.graph.erase_node(node)
+        count += 1
+    ir.graph.eliminate_dead_code()
+    ir.prune_weights()
     ir.gm.recompile()
     return count
 

@@ -82,13 +82,33 @@ def test_inspect_text_and_ir(demo):
 
 
 def test_run_greedy_and_sampled(demo):
-    code, stdout, stderr = invoke("run", str(demo), "--prompt", "The for statement", "-n", "12")
-    assert code == 0, stderr
-    assert stdout.startswith("The for statement") and len(stdout) > len("The for statement") + 5
-    code2, again, _ = invoke("run", str(demo), "--prompt", "The for statement", "-n", "12", "--no-stream")
-    assert again == stdout  # greedy is deterministic, streamed or not
-    args = ["run", str(demo), "-p", "The for statement", "-n", "12", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]
-    assert invoke(*args)[1] == invoke(*args)[1]
+    """`run` prints the prompt, then the continuation the API's `generate` picks: greedily (streamed or
+    not), and sampled with --temperature/--top-p/--seed (one seed one text, another seed another)."""
+    import torch
+
+    import lmforge
+
+    eng = lmforge.load(demo)
+    prompt = "The for statement"
+    ids = torch.tensor([eng.encode(prompt)])
+
+    def expected(**sampling) -> str:
+        new = eng.generate(ids, max_new_tokens=12, **sampling)[0, ids.shape[1]:].tolist()
+        return prompt + eng.decode_text(new) + "\n"
+
+    greedy = expected()
+    assert len(greedy) > len(prompt) + 5
+    for flags in ((), ("--no-stream",)):
+        code, stdout, stderr = invoke("run", str(demo), "--prompt", prompt, "-n", "12", *flags)
+        assert (code, stdout) == (0, greedy), stderr
+    sampled = {}
+    for seed in (3, 4):
+        code, stdout, stderr = invoke("run", str(demo), "-p", prompt, "-n", "12", "--temperature", "0.8",
+                                      "--top-p", "0.9", "--seed", str(seed))
+        generator = torch.Generator().manual_seed(seed)
+        assert (code, stdout) == (0, expected(do_sample=True, temperature=0.8, top_p=0.9, generator=generator)), stderr
+        sampled[seed] = stdout
+    assert sampled[3] != sampled[4] and greedy not in sampled.values()
 
 
 def test_run_on_token_ids(demo, hf_dir, tmp_path):

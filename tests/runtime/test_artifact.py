@@ -139,15 +139,42 @@ def test_runtime_never_imports_transformers(art, quant, tmp_path):
     assert run_python(code) == "ok"
 
 
+_WATCHED: list[Path] = []  # the artifact folder whose reads the audit hook checks, while a test sets it
+
+
+def _audit(event: str, args) -> None:
+    if not _WATCHED:
+        return
+    if event == "pickle.find_class":
+        raise AssertionError(f"unpickled {args} while loading an artifact")
+    if event == "open" and isinstance(args[0], (str, Path)):
+        path = Path(args[0]).resolve()
+        if path.is_relative_to(_WATCHED[0]) and path.suffix not in (".json", ".safetensors"):
+            raise AssertionError(f"opened {path.name} while loading an artifact: only JSON and safetensors may be read")
+
+
 def test_loading_reads_no_pickle(art, monkeypatch):
+    """Loading and running an artifact reads JSON and safetensors only: no torch.load, no unpickling, no
+    other file of the folder opened (an audit hook sees every Python-level open and unpickled global)."""
+    import pickle
+    import sys
+
     def forbidden(*args, **kwargs):
         raise AssertionError("torch.load / pickle used while loading an artifact")
 
-    monkeypatch.setattr(torch, "load", forbidden)
-    monkeypatch.setattr("pickle.loads", forbidden)
-    monkeypatch.setattr("pickle.load", forbidden)
-    lmforge.load(art).forward(torch.tensor([[1, 2]]))
-    assert art_mod.FORMAT_VERSION == 1
+    for owner, name in ((torch, "load"), (torch.serialization, "load"), (pickle, "load"), (pickle, "loads"),
+                        (pickle, "Unpickler")):
+        monkeypatch.setattr(owner, name, forbidden)
+    (art / "extra.pkl").write_bytes(pickle.dumps({"not": "read"}))  # bait: a loader that globs would open it
+    if _audit not in getattr(sys, "_lmforge_hooks", ()):
+        sys.addaudithook(_audit)  # hooks cannot be removed; _WATCHED switches this one on and off
+        sys._lmforge_hooks = (_audit,)
+    _WATCHED.append(art.resolve())
+    try:
+        logits = lmforge.load(art).forward(torch.tensor([[1, 2]]))
+    finally:
+        _WATCHED.clear()
+    assert logits.shape == (1, 2, 131) and torch.isfinite(logits).all()
 
 
 def test_same_model_same_bytes(tmp_path):

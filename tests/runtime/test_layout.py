@@ -40,8 +40,11 @@ def test_bad_override(monkeypatch, artifacts):
 
 @pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build the CPU kernel")
 def test_gemv_layout_in_bfloat16(arch, artifacts, hf_model, monkeypatch):
-    """bfloat16 linears go through lmforge.linear (our GEMV for decode-sized calls) and compute what
-    F.linear computes, up to bfloat16 rounding; prefill-sized calls fall back to F.linear."""
+    """Every bfloat16 linear layer (nn.Linear, and GPT-2's Conv1D, held transposed) goes through
+    lmforge.linear (our GEMV for decode-sized calls) and computes what F.linear computes, up to bfloat16
+    rounding; prefill-sized calls fall back to F.linear."""
+    from transformers.pytorch_utils import Conv1D
+
     path = artifacts(arch, "bfloat16")
     monkeypatch.setenv("LMFORGE_WEIGHT_LAYOUT", "source")
     source = lmforge.load(path)
@@ -49,10 +52,15 @@ def test_gemv_layout_in_bfloat16(arch, artifacts, hf_model, monkeypatch):
     monkeypatch.setenv("LMFORGE_BIND", "0")  # keep the registered ops in the graph, to count them
     gemv = lmforge.load(path)
     assert gemv.weight_layout == "gemv"
-    fused = sum(1 for n in gemv.ir.graph.nodes if n.target is torch.ops.lmforge.linear.default)
-    assert fused == sum(1 for n in source.ir.graph.nodes if n.target is aten.linear.default)
-    assert fused > 0 or arch == "gpt2"  # GPT-2's Conv1D layers are addmm, left as they are
-    assert not any(n.target is aten.linear.default for n in gemv.ir.graph.nodes)
+    fused = [n for n in gemv.ir.graph.nodes if n.target is torch.ops.lmforge.linear.default]
+    layers = sum(isinstance(m, (torch.nn.Linear, Conv1D)) for m in hf_model.modules())
+    assert len(fused) == layers  # counted on the Hugging Face model, not on our graph
+    left = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
+    assert not any(n.target in left and any(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in n.args)
+                   for n in gemv.ir.graph.nodes)
+    for node in fused:  # the kernel streams rows of W (out, in): the contract of F.linear
+        w = gemv.ir.weight(node.args[1].target)
+        assert w.dtype == torch.bfloat16 and w.is_contiguous() and w.shape[0] == node.meta["spec"].shape[-1]
     for ids in (random_ids(1, 5), random_ids(2, 3), random_ids(1, 20)):  # kernel-sized, and a prefill
         want = source.forward(ids).float()
         got = gemv.forward(ids).float()
