@@ -11,7 +11,6 @@ import torch
 
 import lmforge
 from lmforge.errors import ArtifactError
-from lmforge.runtime import artifact as art_mod
 from tests.conftest import make_model, random_ids, run_python
 
 
