@@ -43,7 +43,13 @@ class Linear:
     @property
     def bias(self):
         pos = self.form.bias_pos
-        return self.node.args[pos] if pos is not None and pos < len(self.node.args) else None
+        if pos is None:
+            return None
+        if pos < len(self.node.args):
+            return self.node.args[pos]
+        schema = getattr(self.node.target, "_schema", None)  # a bias passed by keyword
+        name = schema.arguments[pos].name if schema is not None and pos < len(schema.arguments) else None
+        return self.node.kwargs.get(name) if name else None
 
 
 def _weight(arg) -> tuple[fx.Node, fx.Node | None] | None:
@@ -51,6 +57,8 @@ def _weight(arg) -> tuple[fx.Node, fx.Node | None] | None:
     through = None
     if isinstance(arg, fx.Node) and arg.op == "call_function" and arg.target in TRANSPOSES:
         if arg.target is aten.permute.default and list(arg.args[1]) != [1, 0]:
+            return None
+        if arg.target is aten.transpose.int and arg.args[1] % 2 == arg.args[2] % 2:  # transpose(W, d, d): W
             return None
         through, arg = arg, arg.args[0]
     if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
