@@ -19,6 +19,8 @@ Implementations, by device and `LMFORGE_KERNELS` (`codegen/dispatch.py`):
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -147,11 +149,39 @@ def _numel(node, i: int) -> int:
     return shape[0] * shape[1]
 
 
+def _prepare_int4(ir, node, device) -> bool:
+    """Give an int4 layer the layout its kernel on `device` reads.
+
+    The artifact stores int4 scales and zero points in the compute dtype. lmforge's CPU kernel reads them as
+    float32, so for a CPU engine with that kernel they are widened once, at load (exactly: every bfloat16 or
+    float16 value is a float32 value), instead of on every call. The Triton kernels read the stored layout.
+    """
+    if device.type != "cpu" or not cpu_gemv.available():
+        return False
+    args = list(node.args)
+    for i in (2, 3):  # scales, zeros
+        get = args[i]
+        if get is None or ir.weight(get.target).dtype == torch.float32:
+            continue
+        wide = f"{get.target}_f32"  # one float32 copy however many layers read the tensor
+        if not hasattr(ir.gm, wide):
+            ir.set_weight(wide, ir.weight(get.target).float(), source_name=ir.weight_names.get(get.target),
+                          kind=ir.weight_kind(get.target))
+        with ir.graph.inserting_before(node):
+            args[i] = ir.graph.get_attr(wide)
+        args[i].meta["spec"] = replace(get.meta["spec"], dtype=torch.float32)
+    if args == list(node.args):
+        return False
+    node.args = tuple(args)
+    return True
+
+
 register_op(int4_linear, OpFacts(
     shard="linear", verify=("int4-linear", _verify_int4), cpu=int4_linear_impl, linear=handler("int4").linear_form,
     cost=lambda node: (4 * _numel(node, 1), 0),  # qweight (N, K // 2) holds N * K weights
     casts=Casts((0, 5), to=2),  # x and the bias in the scales' dtype
     params={1: 2, 2: 0, 3: 0},  # two 4-bit values a byte; scales and zero points count nothing
+    prepare=_prepare_int4,
 ))
 register_op(fp8_linear, OpFacts(
     shard="linear", verify=("fp8-linear", _verify_fp8), cpu=fp8_linear_impl,

@@ -10,6 +10,9 @@ An op in `codegen/` (its schema, reference, fake and kernels live there) also re
         cpu=_rms_norm_cpu,                     # what a CPU engine binds the node to (runtime/bind.py)
     ))
 
+and, where they apply: `cache_writer`, `params` (parameter counts, ir/graph.py), `linear` (its linear-layer
+form, ir/linear.py) and `prepare` (a load-time hook fitting the node's inputs to its kernel, runtime/load.py).
+
 `verify`, `analysis`, `convert-dtype`, `shard` and the runtime read these facts through `op_facts`; none of
 them names an `lmforge::` op. ATen ops are not registered here: their rules stay in the tables of the tool
 that needs them. `ir/` therefore knows nothing of `codegen/`: it defines the registry and codegen fills it.
@@ -57,6 +60,9 @@ class OpFacts:
     # the weight is a linear layer's: (x position, [(weight position, out axis, in axis or None, unit)],
     # bias position); unit is "col", "byte" (two columns a byte) or "group" (group_size columns)
     linear: Callable[[fx.Node], "LinearForm"] | None = None
+    # load time: fit the node's inputs to what its kernel on `device` reads (int4 on the CPU widens its scales
+    # to float32); (ir, node, device) -> whether it changed anything. Run by the load pass `prepare-kernels`.
+    prepare: Callable[[object, fx.Node, object], bool] | None = None  # (GraphIR, node, torch.device)
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ GEMV kernel (`codegen/cpu_gemv.py`, through the `lmforge::linear` op), where it 
 weights at close to the machine's bandwidth. The choice is measured once per process for each dtype;
 `LMFORGE_WEIGHT_LAYOUT` set to `source`, `transposed` or `gemv` overrides it.
 
-Quantized layers keep their packed layout; `prepare_quantized` only widens int4 scales and zero points to
-float32 for the CPU kernel.
+Quantized layers keep their packed layout (their ops' `prepare` hooks, run by the load pass
+`prepare-kernels`, fit them to their kernels).
 """
 
 from __future__ import annotations
@@ -122,43 +122,6 @@ def use_gemv(ir: GraphIR) -> int:
 def _plain_linears(ir: GraphIR) -> list[Linear]:
     """The `aten.linear(x, W[, b])` layers reading W straight from a weight: the ones a layout rewrites."""
     return [lin for lin in find_linears(ir.graph) if lin.node.target is aten.linear.default and lin.through is None]
-
-
-def prepare_quantized(ir: GraphIR, device: torch.device) -> int:
-    """Give each `lmforge.int4_linear` the layout its kernel reads; returns how many layers changed.
-
-    The artifact stores int4 scales and zero points in the compute dtype. lmforge's CPU kernel reads them
-    as float32, so for a CPU engine with that kernel they are widened once here (exactly: every bfloat16 or
-    float16 value is a float32 value) instead of on every call. The Triton kernels read the stored layout.
-    """
-    from lmforge.codegen.quant_linear import int4_linear
-
-    if device.type != "cpu" or not cpu_gemv.available():
-        return 0
-    widened: dict[str, str] = {}
-    count = 0
-    for node in ir.graph.nodes:
-        if node.target is not int4_linear:
-            continue
-        args = list(node.args)
-        for i in (2, 3):  # scales, zeros
-            get = args[i]
-            if get is None or ir.weight(get.target).dtype == torch.float32:
-                continue
-            if get.target not in widened:
-                widened[get.target] = ir.unique_attr(f"{get.target}_f32")
-                ir.set_weight(widened[get.target], ir.weight(get.target).float(),
-                              source_name=ir.weight_names.get(get.target), kind=ir.weight_kind(get.target))
-            with ir.graph.inserting_before(node):
-                args[i] = ir.graph.get_attr(widened[get.target])
-            args[i].meta["spec"] = replace(get.meta["spec"], dtype=torch.float32)
-        if args != list(node.args):
-            node.args = tuple(args)
-            count += 1
-    ir.graph.eliminate_dead_code()
-    ir.prune_weights()
-    ir.gm.recompile()
-    return count
 
 
 def transpose_linear_weights(ir: GraphIR) -> int:

@@ -2,7 +2,8 @@
 
     retarget{device=cuda:0}         point the graph's tensor creations (`arange(..., device=cpu)`) at the device
     weight-layout{layout=gemv}      store linear weights the way this machine multiplies fastest (`layout.py`)
-    prepare-quantized{device=cpu}   widen int4 scales and zero points to float32 for the CPU kernel (`layout.py`)
+    prepare-kernels{device=cpu}     each op's `OpFacts.prepare` hook: fit its inputs to its kernel (int4 widens its
+                                    scales and zero points to float32 for the CPU kernel)
     bind-cpu-kernels{device=cpu}    point lmforge:: op nodes at their CPU implementations (`bind.py`)
 
 They change the loaded, in-memory graph only, never the artifact. Each is a registered pass like the
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmforge.ir.graph import GraphIR
+from lmforge.ir.graph import GraphIR, op_name
+from lmforge.ir.ops import op_facts
 from lmforge.ir.pass_manager import PROPERTIES, PassManager, PassResult, register_pass
 from lmforge.runtime import bind, layout
 
@@ -52,10 +54,22 @@ def weight_layout(ir: GraphIR, options: LayoutOptions) -> PassResult:
     return PassResult(bool(count), {f"{options.layout}-linears": count} if count else {})
 
 
-@register_pass("prepare-quantized", options=DeviceOptions, preserves=PROPERTIES)
-def prepare_quantized(ir: GraphIR, options: DeviceOptions) -> PassResult:
-    count = layout.prepare_quantized(ir, torch.device(options.device))
-    return PassResult(bool(count), {"widened-int4-layers": count} if count else {})
+@register_pass("prepare-kernels", options=DeviceOptions, preserves=PROPERTIES)
+def prepare_kernels(ir: GraphIR, options: DeviceOptions) -> PassResult:
+    """Run each lmforge op's `prepare` hook (`OpFacts.prepare`), which fits the node's inputs to the kernel
+    that runs it on the device; counts the nodes changed, by op."""
+    device = torch.device(options.device)
+    stats: dict[str, int] = {}
+    for node in list(ir.graph.nodes):
+        facts = op_facts(node.target) if node.op == "call_function" else None
+        if facts is not None and facts.prepare is not None and facts.prepare(ir, node, device):
+            key = f"prepared-{op_name(node.target).removeprefix('lmforge.').removesuffix('.default')}"
+            stats[key] = stats.get(key, 0) + 1
+    if stats:
+        ir.graph.eliminate_dead_code()
+        ir.prune_weights()
+        ir.gm.recompile()
+    return PassResult(bool(stats), stats)
 
 
 @register_pass("bind-cpu-kernels", options=DeviceOptions, preserves=PROPERTIES)
@@ -70,7 +84,7 @@ def load_pipeline(device: torch.device, weight_layout: str) -> str:
     if weight_layout != "source":
         steps.append(f"weight-layout{{layout={weight_layout}}}")
     if device.type == "cpu":
-        steps += ["prepare-quantized", "bind-cpu-kernels"]
+        steps += ["prepare-kernels", "bind-cpu-kernels"]
     return ",".join(steps)
 
 

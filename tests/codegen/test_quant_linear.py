@@ -40,7 +40,7 @@ def test_int4_reference_matches_float64(zeros, bias, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_op_uses_the_cpu_kernel_with_float32_scales(M, dtype, monkeypatch):
     x, q, scales, zeros, G, b = _int4_inputs(M=M, K=256, G=64, dtype=dtype)
-    scales32, zeros32 = scales.float(), zeros.float()  # what runtime/layout.prepare_quantized gives the layer
+    scales32, zeros32 = scales.float(), zeros.float()  # what the op's prepare hook gives the layer at load
     assert cpu_gemv.supports_int4(x, q, scales32, zeros32, G, b)
     calls, original = [], cpu_gemv.Kernel.int4
 

@@ -1,6 +1,6 @@
 """The load pipeline (`lmforge/runtime/load.py`): which passes run for a device and layout, in which order; that
 they are registered passes the manager records and verifies around; that `prepare` keeps the model equal to
-Hugging Face eager; and that prepare-quantized widens an int4 artifact's scales for the CPU kernel."""
+Hugging Face eager; and that prepare-kernels widens an int4 artifact's scales for the CPU kernel."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from tests.conftest import make_model, random_ids
 from tests.ir.test_capture import run_chunks
 
 aten = torch.ops.aten
-STEPS = ["retarget", "weight-layout", "prepare-quantized", "bind-cpu-kernels"]  # the order they run in
+STEPS = ["retarget", "weight-layout", "prepare-kernels", "bind-cpu-kernels"]  # the order they run in
 CPU = torch.device("cpu")
 
 
@@ -36,9 +36,9 @@ def _graph(path):
 
 
 @pytest.mark.parametrize("device, weight_layout, pipeline", [
-    ("cpu", "source", "prepare-quantized,bind-cpu-kernels"),
-    ("cpu", "transposed", "weight-layout{layout=transposed},prepare-quantized,bind-cpu-kernels"),
-    ("cpu", "gemv", "weight-layout{layout=gemv},prepare-quantized,bind-cpu-kernels"),
+    ("cpu", "source", "prepare-kernels,bind-cpu-kernels"),
+    ("cpu", "transposed", "weight-layout{layout=transposed},prepare-kernels,bind-cpu-kernels"),
+    ("cpu", "gemv", "weight-layout{layout=gemv},prepare-kernels,bind-cpu-kernels"),
     ("cuda:0", "source", "retarget{device=cuda:0}"),
     ("cuda:1", "transposed", "retarget{device=cuda:1},weight-layout{layout=transposed}"),
 ])
@@ -51,7 +51,7 @@ def test_pipeline_for_device_and_layout(device, weight_layout, pipeline):
 
 
 def test_pipeline_steps_keep_their_order():
-    """For every device and layout the steps are a subsequence of retarget, weight-layout, prepare-quantized,
+    """For every device and layout the steps are a subsequence of retarget, weight-layout, prepare-kernels,
     bind-cpu-kernels, with the options they were given, and may run on a loaded graph in that order."""
     for device, weight_layout in itertools.product(["cpu", "cuda", "cuda:1"], layout.LAYOUTS):
         steps = parse_pipeline(load_pipeline(torch.device(device), weight_layout))
@@ -71,7 +71,7 @@ def test_load_passes_are_registered():
     """Each step is a pass of the manager's registry, needing only specs and keeping every property."""
     passes = registered_passes()
     functions = {"retarget": load.retarget, "weight-layout": load.weight_layout,
-                 "prepare-quantized": load.prepare_quantized, "bind-cpu-kernels": load.bind_cpu_kernels}
+                 "prepare-kernels": load.prepare_kernels, "bind-cpu-kernels": load.bind_cpu_kernels}
     for name in STEPS:
         info = passes[name]
         assert info.fn is functions[name]
@@ -93,7 +93,7 @@ def test_prepare_matches_hf_and_records_each_pass(arch, weight_layout, artifacts
     added = ir.history[history:]
     assert [h["pass"] for h in added] == load_pipeline(CPU, weight_layout).split(",")
     stats = {h["pass"].split("{")[0]: h["stats"] for h in added}
-    assert stats["prepare-quantized"] == {}  # nothing quantized
+    assert stats["prepare-kernels"] == {}  # nothing quantized
     assert stats["bind-cpu-kernels"] == {"bound": bindable} and bindable > 0
     if weight_layout == "transposed":
         assert stats["weight-layout"] == {"transposed-linears": linears} and linears > 0
@@ -159,7 +159,7 @@ def test_a_load_pass_that_breaks_the_graph_is_caught(artifacts, monkeypatch):
 
 @pytest.mark.parametrize("name, module, function", [
     ("weight-layout", layout, "apply_layout"),
-    ("prepare-quantized", layout, "prepare_quantized"),
+    ("prepare-kernels", load, "op_facts"),
     ("bind-cpu-kernels", bind, "bind_cpu_kernels"),
 ])
 def test_a_failing_load_pass_is_named(name, module, function, artifacts, monkeypatch):
@@ -170,8 +170,8 @@ def test_a_failing_load_pass_is_named(name, module, function, artifacts, monkeyp
         raise RuntimeError("out of luck")
 
     monkeypatch.setattr(module, function, fail)
-    before = {"weight-layout": "", "prepare-quantized": " (after weight-layout)",
-              "bind-cpu-kernels": " (after weight-layout, prepare-quantized)"}[name]
+    before = {"weight-layout": "", "prepare-kernels": " (after weight-layout)",
+              "bind-cpu-kernels": " (after weight-layout, prepare-kernels)"}[name]
     with pytest.raises(PassError, match="^" + re.escape(f"pass '{name}' failed{before}: out of luck") + "$"):
         prepare(ir, CPU, "transposed")
 
@@ -185,8 +185,8 @@ def int4_artifact(tmp_path_factory):
 
 
 @pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build the CPU kernel")
-def test_prepare_quantized_widens_int4_scales(int4_artifact):
-    """On the CPU, prepare-quantized gives every int4 layer float32 scales and zero points (the kernel's
+def test_prepare_kernels_widens_int4_scales(int4_artifact):
+    """On the CPU, prepare-kernels gives every int4 layer float32 scales and zero points (the kernel's
     layout; the old bfloat16 copies are dropped) and says so in its stats; the logits stay what the
     unprepared graph computes, up to bfloat16 rounding."""
     ir, plain = _graph(int4_artifact), _graph(int4_artifact)
@@ -196,8 +196,8 @@ def test_prepare_quantized_widens_int4_scales(int4_artifact):
     assert all(n.args[i].meta["spec"].dtype == torch.bfloat16 for n in nodes for i in (2, 3))
     names = {ir.weight_names[n.args[i].target] for n in nodes for i in (2, 3)}
     prepare(ir, CPU, "source")
-    step = next(h for h in ir.history if h["pass"] == "prepare-quantized")
-    assert step["changed"] and step["stats"] == {"widened-int4-layers": len(layers)}
+    step = next(h for h in ir.history if h["pass"] == "prepare-kernels")
+    assert step["changed"] and step["stats"] == {"prepared-int4_linear": len(layers)}
     nodes = [n for n in ir.graph.nodes if n.target is int4_linear_impl]  # bound after widening
     assert len(nodes) == len(layers)
     for node in nodes:
@@ -210,11 +210,11 @@ def test_prepare_quantized_widens_int4_scales(int4_artifact):
     assert (got - want).abs().max() <= 0.005 * want.abs().max(), (got - want).abs().max()
 
 
-def test_prepare_quantized_leaves_a_gpu_graph_alone(int4_artifact):
+def test_prepare_kernels_leaves_a_gpu_graph_alone(int4_artifact):
     """Off the CPU (the Triton kernels read the stored layout) the pass changes nothing."""
     ir = _graph(int4_artifact)
-    PassManager("prepare-quantized{device=cuda:0}").run(ir, properties=LOADED)
-    assert ir.history[-1]["pass"] == "prepare-quantized{device=cuda:0}"
+    PassManager("prepare-kernels{device=cuda:0}").run(ir, properties=LOADED)
+    assert ir.history[-1]["pass"] == "prepare-kernels{device=cuda:0}"
     assert not ir.history[-1]["changed"] and ir.history[-1]["stats"] == {}
     assert all(n.args[i].meta["spec"].dtype == torch.bfloat16 for n in ir.graph.nodes if n.target is int4_linear
                for i in (2, 3))
