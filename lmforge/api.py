@@ -76,7 +76,7 @@ def optimize(
     max_seq_len: int | None = None,
     *,
     quant: str | None = None,
-    group_size: int = 128,
+    group_size: int | None = None,
     symmetric: bool = False,
     quant_method: str = "rtn",
     skip: str | list[str] | None = None,
@@ -96,7 +96,8 @@ def optimize(
     `dtype` is given too).
 
     quant: "int4" (weight-only, group-wise) or "fp8" (e4m3 weights, dynamic per-token activations); with int4,
-    group_size (32, 64, 128, 256), symmetric (no zero points) and quant_method ("rtn" or "hqq"). skip: layer
+    group_size (32, 64, 128, 256; default: 128, or for a layer whose in_features it does not divide the largest
+    that does), symmetric (no zero points) and quant_method ("rtn" or "hqq"). skip: layer
     globs kept in float (default "lm_head"; pass [] to quantize it too). overrides: {glob: "g32+sym" | "fp8" |
     "skip" | ...} per-layer settings, the last match winning (see `lmforge.quant`).
 
@@ -180,7 +181,7 @@ def _quantize_options(quant, group_size, symmetric, method, skip, overrides):
     skip_text = DEFAULT_SKIP if skip is None else (skip if isinstance(skip, str) else "|".join(skip))
     if isinstance(overrides, dict):
         overrides = ";".join(f"{pattern}:{spec}" for pattern, spec in overrides.items())
-    settings = {"group_size": group_size, "symmetric": bool(symmetric), "method": method}
+    settings = {"group_size": group_size or 0, "symmetric": bool(symmetric), "method": method}
     settings = {k: v for k, v in settings.items() if k in handler(quant).settings}  # fp8 takes none of them
     options = QuantizeOptions(scheme=quant, skip=skip_text, overrides=overrides or "", **settings)
     options.resolve()

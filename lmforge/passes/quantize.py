@@ -12,7 +12,10 @@ becomes the layer's scheme's op, e.g. `lmforge.int4_linear(x, qweight, scales, z
 the old float weight goes away unless something else, such as a tied embedding, still reads it); the pass
 itself knows no scheme. Which scheme each layer gets comes from `LayerRules`:
 embeddings are never touched, the final projection (`lm_head`) is skipped unless the skip list leaves it
-out, and a layer whose shape the scheme cannot take keeps its float weight. Every layer kept is counted
+out, and a layer whose shape the scheme cannot take keeps its float weight. Settings the user did not give
+are fitted to each layer by its scheme (`QuantScheme.fit`: int4's group size is 128, or the largest of 32,
+64 that divides the layer's in_features), so `quantize{scheme=int4}` quantizes every layer it can; a
+group size given explicitly is kept, and a layer it does not divide keeps its float weight. Every layer kept is counted
 in the stats by reason and listed, with its reason, in `ir.quantization["kept"]`; every layer quantized is
 listed with its scheme in `ir.quantization["layers"]`, which the artifact's manifest carries.
 
@@ -51,7 +54,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` may name
 @dataclass(frozen=True)
 class QuantizeOptions:
     scheme: str = ""  # int4 or fp8 (required)
-    group_size: int = 128  # int4: columns per scale
+    group_size: int = 0  # int4: columns per scale; 0: 128, or per layer the largest that divides in_features
     symmetric: bool = False  # int4: no zero points (q - 8)
     method: str = "rtn"  # int4: rtn (round to nearest) or hqq (calibration-free search of zero points)
     skip: str = DEFAULT_SKIP  # layer-name globs kept in float, separated by '|'
@@ -71,7 +74,9 @@ class QuantizeOptions:
         if self.dtype and self.dtype not in COMPUTE_DTYPES:
             raise PassError(f"quantize: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         dtype = dtype_from_name(self.dtype) if self.dtype else None
-        settings = {"group_size": self.group_size, "symmetric": self.symmetric, "method": self.method}
+        settings = {"symmetric": self.symmetric, "method": self.method}
+        if self.group_size:  # chosen, so never fitted to a layer
+            settings["group_size"] = self.group_size
         return LayerRules.parse(self.scheme, settings, self.skip, self.overrides), dtype
 
 
@@ -126,9 +131,9 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
     for m in find_linears(ir):
         names = _layer_names(ir, m, final)
         label = names[0]  # the layer's name: lm_head, or its weight's name without `.weight`
-        cfg, reason = rules.for_layer(names)
         weight = ir.weight(m.weight.target)
         w = weight.t() if m.transposed else weight
+        cfg, reason = rules.for_layer(names, tuple(w.shape))
         if cfg is not None:
             reason = cfg.unsuitable(tuple(w.shape))
             reason = f"kept: {reason}" if reason else None

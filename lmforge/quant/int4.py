@@ -31,6 +31,7 @@ that convert-dtype puts them in the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,6 +165,14 @@ class Int4Scheme(QuantScheme):
         "compatible_with": "ONNX MatMulNBits (bits=4, block_size=G, blocks of a row end to end)",
     }
     token_help = (*(f"g{g}" for g in GROUP_SIZES), *_TOKENS)
+
+    def fit(self, cfg: Int4Config, shape: tuple[int, ...], chosen: frozenset[str]) -> Int4Config:
+        """A group size the user did not choose is the default (128) where it divides in_features, else the
+        largest supported one that does (576 -> 64), so that `--quant int4` quantizes every layer it can."""
+        if "group_size" in chosen or len(shape) != 2 or shape[1] % cfg.group_size == 0:
+            return cfg
+        fits = [g for g in GROUP_SIZES if shape[1] % g == 0]
+        return dataclasses.replace(cfg, group_size=fits[-1]) if fits else cfg
 
     def label(self, described: dict[str, Any]) -> str:
         sym = "sym" if described["symmetric"] else "asym"

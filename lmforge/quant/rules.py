@@ -58,8 +58,9 @@ class LayerRules:
             rules.append((pattern.strip(), tokens))
         return cls(scheme, tuple(sorted(settings.items())), patterns, tuple(rules))
 
-    def for_layer(self, names: list[str]):
-        """(config, None) for a layer known by `names`, or (None, reason) when it keeps its float weight."""
+    def for_layer(self, names: list[str], shape: tuple[int, ...] | None = None):
+        """(config, None) for a layer known by `names`, or (None, reason) when it keeps its float weight; with
+        the weight's `shape` (N, K), the settings left at their defaults are fitted to it (`QuantScheme.fit`)."""
         def hit(pattern: str) -> bool:
             return any(fnmatch.fnmatchcase(n, pattern) for n in names)
 
@@ -76,7 +77,8 @@ class LayerRules:
                     _apply_token(settings, token, pattern)
         if skipped:
             return None, skipped
-        return make_config(scheme, **settings), None
+        cfg = make_config(scheme, **settings)
+        return (cfg if shape is None else handler(scheme).fit(cfg, tuple(shape), frozenset(settings))), None
 
 
 def _apply_token(settings: dict[str, Any], token: str, where: str) -> None:

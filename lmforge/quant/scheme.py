@@ -4,7 +4,8 @@ A scheme is one handler class in one file (`int4.py`, `fp8.py`), registered with
 torchao maps each config to its handler. The handler owns everything the rest of lmforge knows about the
 scheme, so that nothing outside `quant/` branches on it:
 
-    config        its frozen, versioned config dataclass (`Int4Config`); `describe` writes it for the manifest
+    config        its frozen, versioned config dataclass (`Int4Config`); `describe` writes it for the manifest;
+                  `fit` adapts the settings the user left at their defaults to each weight's shape
     pack          float W (N, K) -> its named packed tensors, each with its weight kind; `dequantize` inverts
     op, op_args   the `lmforge::` op the quantize pass emits, and its arguments in the op's order
     linear_form   how that op's tensors line up with W, which is how tensor parallelism cuts them
@@ -58,6 +59,11 @@ class QuantScheme:
     def make_config(self, **settings: Any):
         """The config with `settings`; those it does not have are ignored (fp8 takes no group size)."""
         return self.config(**{k: v for k, v in settings.items() if k in self.settings})
+
+    def fit(self, cfg, shape: tuple[int, ...], chosen: frozenset[str]):
+        """The config a weight of `shape` (N, K) gets: `cfg`, or, where a setting the user left out of `chosen`
+        does not suit the weight, the closest one that does (int4 picks a group size that divides K)."""
+        return cfg
 
     def describe(self, cfg) -> dict[str, Any]:
         """`cfg` as JSON for the manifest: {"scheme": "int4", "group_size": 128, ..., "version": 1}."""

@@ -187,6 +187,49 @@ def test_overrides_and_symmetric(hf_model, arch):
     assert f"{sym}.zeros" not in _packed(ir)
 
 
+def _in_features(model, layer: str) -> int:
+    module = model.get_submodule(layer)
+    return module.weight.shape[0 if type(module).__name__ == "Conv1D" else 1]
+
+
+def test_a_group_size_left_out_is_fitted_to_each_layer(hf_model, arch):
+    """Without a group size, a layer gets 128 where it divides in_features, else the largest of 64 and 32
+    that does (the tiny models' width 64: g64), else keeps its float weight (the MLP's 112 takes none); the
+    fitted model computes what Hugging Face computes with the dequantized weights."""
+    ir = _quantized(hf_model, "scheme=int4")
+    layers, kept = ir.quantization["layers"], ir.quantization["kept"]
+    assert set(layers) | set(kept) == set(_linear_layers(hf_model)) and layers
+    for name in _linear_layers(hf_model):
+        k = _in_features(hf_model, name)
+        fits = [g for g in (128, 64, 32) if k % g == 0]
+        if name in layers:
+            assert layers[name]["group_size"] == fits[0], (name, k)
+        elif name != "lm_head":
+            assert not fits and kept[name] == f"kept: in_features {k} is not a multiple of the group size 128", name
+    ids = random_ids(1, 7, seed=4)
+    with torch.no_grad():
+        want = _dequantized_model(hf_model, ir)(ids).logits
+    torch.testing.assert_close(run_chunks(ir, ids, [4, 3]), want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_group_size_given_is_never_fitted(hf_model, arch):
+    """group_size=128 given (or an override's g128) is kept: a layer it does not divide keeps its float
+    weight, and the reason names the size that would fit."""
+    ir = _quantized(hf_model, "scheme=int4,group_size=128")
+    assert all(_in_features(hf_model, name) % 128 == 0 for name in ir.quantization["layers"])
+    q = next(name for name in _linear_layers(hf_model) if _in_features(hf_model, name) == 64 and name != "lm_head")
+    assert ir.quantization["kept"][q] == "kept: in_features 64 is not a multiple of the group size 128 (group size 64 would fit)"
+    ir = _quantized(hf_model, "scheme=int4,overrides=*.0.*:g128")
+    layers = ir.quantization["layers"]
+    for name in _linear_layers(hf_model):
+        k = _in_features(hf_model, name)
+        if ".0." in name:
+            assert (layers[name]["group_size"] == 128) if k % 128 == 0 else name not in layers, name
+        elif name in layers:
+            assert layers[name]["group_size"] == next(g for g in (128, 64, 32) if k % g == 0), name
+    assert any(".0." not in name and cfg["group_size"] == 64 for name, cfg in layers.items())
+
+
 def test_activation_matmuls_are_not_weights(hf_model, arch):
     """Negative case: the attention's own matmuls and the embedding read no trained weight through a linear
     form, so nothing but linear layers may change (the eager-attention capture has q @ k^T as matmuls)."""

@@ -20,7 +20,7 @@ DEMO_OUT = "lmforge-demo"
 @click.option("--max-seq-len", type=click.IntRange(min=1), help="KV cache length [default: the model's position limit, at most 4096].")
 @click.option("--quant", type=click.Choice(list(SCHEMES)),
               help="Quantize linear layers: int4 weight-only (group-wise) or fp8 (e4m3 weights, per-token activations).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128", "256"]), help="int4: columns per scale [default: 128].")
+@click.option("--group-size", type=click.Choice(["32", "64", "128", "256"]), help="int4: columns per scale [default: 128, or for a layer it does not divide the largest size that does].")
 @click.option("--symmetric", is_flag=True, help="int4: symmetric (no zero points) instead of asymmetric.")
 @click.option("--quant-method", type=click.Choice(["rtn", "hqq"]),
               help="int4: round to nearest, or HQQ's calibration-free search of zero points [default: rtn].")
@@ -59,7 +59,7 @@ def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetri
         raise click.UsageError(f"--group-size, --symmetric and --quant-method are int4 settings; {quant} has none")
     quant_args = {}
     if quant:
-        quant_args = dict(quant=quant, group_size=int(group_size or 128), symmetric=symmetric,
+        quant_args = dict(quant=quant, group_size=int(group_size) if group_size else None, symmetric=symmetric,
                           quant_method=quant_method or "rtn",
                           skip=None if skip is None else [p for p in skip.split(",") if p.strip()],
                           overrides=";".join(overrides) or None)
