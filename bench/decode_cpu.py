@@ -3,8 +3,8 @@
 What it measures: a SmolLM-135M-shaped Llama (random weights, seed 0) generates exactly N new tokens
 after a random batch-1 prompt of P tokens, in float32 and in bfloat16, once with transformers'
 `model.generate` (eager, dynamic cache) and once with `lmforge.load(...).generate`; then lmforge again
-with its weights quantized (`--quant`, default int4; fp8 too if asked) at `--group-size` (default 64:
-SmolLM's width, 576, is not a multiple of 128), computing in bfloat16. Each is warmed up once and timed as the best of `--repeats` runs of the whole call (prefill +
+with its weights quantized (`--quant`, default int4; fp8 too if asked) at `--group-size` (default: lmforge's,
+128 where it divides a layer's in_features, else the largest that does: SmolLM's 576 -> 64), computing in bfloat16. Each is warmed up once and timed as the best of `--repeats` runs of the whole call (prefill +
 decode), each lmforge engine's runs alternating with HF's in the same dtype so that both see the same
 machine conditions:
 
@@ -22,7 +22,7 @@ picked the same token as transformers in the same dtype (float32 should match al
 Run (from the repository root):
 
     python bench/decode_cpu.py [--new-tokens 64] [--prompt-len 32] [--repeats 5] [--threads N]
-                               [--quant int4,fp8] [--group-size 64] [--json]
+                               [--quant int4,fp8] [--group-size G] [--json]
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def best_of_interleaved(fns: list[Callable[[], torch.Tensor]], repeats: int) -> 
 
 
 def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_tokens: int, repeats: int,
-                workdir: Path, bandwidth: float, quant: str | None = None, group_size: int = 64) -> list[Row]:
+                workdir: Path, bandwidth: float, quant: str | None = None, group_size: int | None = None) -> list[Row]:
     """The HF-eager and lmforge rows for one dtype (and quantization scheme)."""
     prompt_len = ids.shape[1]
     hf = copy.deepcopy(model).to(DTYPES[dtype])
@@ -132,7 +132,7 @@ def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_toke
     hf_step_bytes = hf_weights + kv_bytes
     return [
         Row(dtype, "HF eager", hf_tps, None, hf_step_bytes * hf_tps / bandwidth, None),
-        Row(dtype, "lmforge" + (f" {quant}" + (f" g{group_size}" if quant == "int4" else "") if quant else ""),
+        Row(dtype, "lmforge" + (f" {quant}" + (f" g{group_size}" if quant == "int4" and group_size else "") if quant else ""),
             lm_tps, lm_tps / hf_tps,
             step_bytes * lm_tps / bandwidth, matching),
     ]
@@ -170,7 +170,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quant", default="int4", help="quantized bfloat16 rows, comma-separated: int4, fp8, or '' for "
                                                    "none (default int4)")
-    p.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128, 256), help="int4 group size (default 64)")
+    p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256),
+                   help="int4 group size (default: fitted per layer, 128 or the largest that divides it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
     args.quant = [q.strip() for q in args.quant.split(",") if q.strip()]
