@@ -14,11 +14,13 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
+from torch import fx
 
 from lmforge.errors import ArtifactError, GenerationError
 from lmforge.ir.graph import GraphIR, position_ids
 from lmforge.runtime.artifact import Artifact
 from lmforge.runtime.kv_cache import KVCache
+from lmforge.runtime.prefill import last_position_graph
 from lmforge.runtime.sampling import SamplingConfig, next_token
 
 
@@ -56,6 +58,7 @@ class Engine:
         self.cost = cost  # FLOPs per token, of the graph as the artifact holds it (before load-time rewrites)
         self.load_seconds: float | None = None  # lmforge.load: reading, checking and preparing the artifact
         self.tp, self.rank = ir.tp, rank  # tensor-parallel ranks; this one's
+        self._prefill_gm: fx.GraphModule | None | bool = False  # False: not built yet; None: the graph has none
 
     # --- one step --------------------------------------------------------------------------------
 
@@ -172,10 +175,15 @@ class Engine:
             logits = self.decode(cache, token[:, None], positions, full_mask, prompt_len + step)
 
     def prefill(self, cache: KVCache, ids: torch.Tensor, full_mask: torch.Tensor, length: int) -> torch.Tensor:
-        """Run the prompt; returns the last position's logits (batch, vocab)."""
+        """Run the prompt; returns the last position's logits (batch, vocab), projected for that position only
+        (`runtime/prefill.py`)."""
         mask = full_mask[:, :length]
         positions = position_ids(mask)
-        return self._run(cache, ids, positions, mask)[:, -1]
+        if self._prefill_gm is False:
+            self._prefill_gm = last_position_graph(self.ir)
+        if self._prefill_gm is None:
+            return self._run(cache, ids, positions, mask)[:, -1]
+        return self._prefill_gm(ids, positions, mask, *cache.views(mask.shape[1]))[0][:, -1]
 
     def decode(self, cache: KVCache, token: torch.Tensor, positions: torch.Tensor, full_mask: torch.Tensor,
                length: int) -> torch.Tensor:
