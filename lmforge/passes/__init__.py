@@ -7,6 +7,7 @@ what `lmforge optimize` runs.
 from lmforge.passes import (  # noqa: F401  (registration)
     constant_fold,
     convert_dtype,
+    cse,
     dce,
     fuse_attention,
     fuse_rmsnorm,
