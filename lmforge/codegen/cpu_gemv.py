@@ -3,6 +3,8 @@
     kernel()(x, w, b=None) -> y          x (..., K) bfloat16 with at most MAX_ROWS rows, w (N, K), b (N,): y (..., N)
     kernel().rms_norm(x, w, eps) -> y    x (..., K) bfloat16, w (K,) bfloat16: RMSNorm in float32, rounded once
     kernel().rotary(x, cos, sin) -> y    x (B, H, S, D), cos/sin (B, 1|H, S, D) bfloat16: rotate-half rotary
+    kernel().glu(gate, up, act) -> y     gate, up (..., K) bfloat16: bf16(bf16(act(gate)) * up), act "silu" or
+                                         "gelu_tanh" (`GLU_ACTS`)
     kernel().int4(x, qweight, scales, zeros, group_size, bias=None) -> y
                                          x (..., K) bfloat16 or float32, any number of rows; int4 weights
                                          qweight (N, K // 2) uint8 (column 2j in the low nibble of byte j),
@@ -37,6 +39,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes gemm_int4 takes
 _INT4_X_DTYPES = (torch.bfloat16, torch.float32)
+GLU_ACTS = ("silu", "gelu_tanh")  # the activations glu_*_bf16 in gemv.c compute
 
 
 def cache_dir() -> Path:
@@ -97,6 +100,13 @@ class Kernel:
         rot.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + \
             [ctypes.c_void_p] + [ctypes.c_int64] * 4
         self._rotary = rot
+        self._glu = {}
+        for act in GLU_ACTS:
+            glu = getattr(self.lib, f"glu_{act}_bf16")
+            glu.restype = ctypes.c_int
+            glu.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + \
+                [ctypes.c_int64] * 3
+            self._glu[act] = glu
         q4 = self.lib.gemm_int4
         q4.restype = ctypes.c_int
         q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
@@ -112,6 +122,17 @@ class Kernel:
         self._rotary(x.data_ptr(), x.stride(0), x.stride(1), x.stride(2), cos.data_ptr(), sin.data_ptr(),
                      cb if cos.shape[0] > 1 else 0, ch if cos.shape[1] > 1 else 0, cs, out.data_ptr(), B, H, S, D)
         return out
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+        """bf16(bf16(act(gate)) * up), rounded after each op as PyTorch's `act(gate) * up` is; gate and up
+        (..., K) bfloat16 of one shape, act in GLU_ACTS. Rows may have a stride (the halves of a split)."""
+        K = gate.shape[-1]
+        M = gate.numel() // K
+        g, ldg = _rows(gate, K)
+        u, ldu = _rows(up, K)
+        y = torch.empty_like(gate, memory_format=torch.contiguous_format)
+        self._glu[act](g.data_ptr(), ldg, u.data_ptr(), ldu, y.data_ptr(), K, M, K)
+        return y
 
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
         """bf16(w * x / sqrt(mean(x^2) + eps)) over the last dim, in float32; x, w bfloat16, w contiguous."""
@@ -164,6 +185,16 @@ class Kernel:
         if err:
             raise MemoryError(f"gemm_int4: no memory for its copy of x ({M} x {K})")
         return y
+
+
+def _rows(t: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
+    """`t` (..., K) as rows of K contiguous elements: (tensor, row stride in elements)."""
+    if t.is_contiguous():  # the common case, without the cost of a reshape
+        return t, K
+    t2 = t.reshape(-1, K)
+    if t2.stride(-1) != 1:
+        t2 = t2.contiguous()
+    return t2, t2.stride(0)
 
 
 def supports_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

@@ -10,6 +10,7 @@ from lmforge.passes import (  # noqa: F401  (registration)
     cse,
     dce,
     fuse_attention,
+    fuse_glu,
     fuse_rmsnorm,
     fuse_rotary,
     quantize,

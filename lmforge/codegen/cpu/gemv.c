@@ -9,8 +9,8 @@
  * blocks of weight rows, so every thread streams memory sequentially. Products accumulate in float32:
  * with AVX512-BF16 through vdpbf16ps (32 products per instruction), else bfloat16 is widened to float32
  * (AVX-512F, then AVX2/FMA, then plain C). The result is rounded to bfloat16 to nearest even.
- * The file also holds the elementwise work a decode step runs between its GEMVs: RMSNorm (`rmsnorm_bf16`)
- * and the rotary embedding (`rotary_bf16`).
+ * The file also holds the elementwise work a decode step runs between its GEMVs: RMSNorm (`rmsnorm_bf16`),
+ * the rotary embedding (`rotary_bf16`) and the gated-MLP activation (`glu_silu_bf16`, `glu_gelu_tanh_bf16`).
  */
 #include <stdint.h>
 #include <math.h>
@@ -178,6 +178,99 @@ int rotary_bf16(const uint16_t *x, int64_t sxb, int64_t sxh, int64_t sxs, const 
                 }
             }
     return 0;
+}
+
+/* Gated-MLP activation (GLU), with PyTorch's bfloat16 rounding after each op:
+ *   y = bf16(bf16(act(g)) * u)      g, u (M, K) row strides ldg, ldu; y (M, K) row stride ldy
+ * act(g) = g * sigmoid(s(g)): SiLU s(g) = g; GELU's tanh form s(g) = 2 sqrt(2/pi) (g + 0.044715 g^3), since
+ * 0.5 g (1 + tanh(v)) = g / (1 + e^(-2v)). Float32 inside; with AVX-512F 16 columns at a time through a
+ * polynomial e^x (within 2 float32 ulp of expf), the row's tail through a zero-padded block so that every
+ * column gets the same arithmetic. Returns 0. */
+#define GLU_SQRT_8_OVER_PI 1.5957691216057308f  /* 2 sqrt(2/pi) */
+#define GLU_KAPPA 0.044715f
+
+static inline float glu_scalar(float g, float u, int gelu) {
+    float s = gelu ? GLU_SQRT_8_OVER_PI * (g + GLU_KAPPA * g * g * g) : g;
+    return bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-s)))) * u;
+}
+
+#if defined(__AVX512F__)
+static inline __m512 bf16x16_to_f32(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* the bfloat16 nearest to each lane (ties to even; NaN stays NaN), in the low half of each 32-bit lane */
+static inline __m512i f32x16_round_bf16(__m512 v) {
+    __m512i b = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(0x40)));
+}
+
+/* e^x: x = n ln2 + r, |r| <= ln2 / 2; e^r by Cephes' expf polynomial, times 2^n (scalef: inf and 0 beyond
+ * float32's range). NaN stays NaN (vminps/vmaxps return their second operand when one is NaN). */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(89.0f), x));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __attribute__((always_inline)) void glu16(const uint16_t *gp, const uint16_t *up, uint16_t *yp,
+                                                        int gelu) {
+    __m512 g = bf16x16_to_f32(gp);
+    __m512 s = g;
+    if (gelu)
+        s = _mm512_mul_ps(_mm512_set1_ps(GLU_SQRT_8_OVER_PI),
+                          _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(GLU_KAPPA), g), _mm512_mul_ps(g, g), g));
+    __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), s))));
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(f32x16_round_bf16(a), 16));  /* act(g) in bfloat16, as PyTorch */
+    __m512i y = f32x16_round_bf16(_mm512_mul_ps(a, bf16x16_to_f32(up)));
+    _mm256_storeu_si256((__m256i *)yp, _mm512_cvtepi32_epi16(y));
+}
+#endif
+
+static inline __attribute__((always_inline)) int glu_rows(const uint16_t *g, int64_t ldg, const uint16_t *u,
+                                                          int64_t ldu, uint16_t *y, int64_t ldy, int64_t M,
+                                                          int64_t K, int gelu) {
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *gr = g + m * ldg, *ur = u + m * ldu;
+        uint16_t *yr = y + m * ldy;
+        int64_t k = 0;
+#if defined(__AVX512F__)
+        for (; k + 16 <= K; k += 16) glu16(gr + k, ur + k, yr + k, gelu);
+        if (k < K) {
+            uint16_t gt[16] = {0}, ut[16] = {0}, yt[16];
+            memcpy(gt, gr + k, (size_t)(K - k) * 2);
+            memcpy(ut, ur + k, (size_t)(K - k) * 2);
+            glu16(gt, ut, yt, gelu);
+            memcpy(yr + k, yt, (size_t)(K - k) * 2);
+        }
+#else
+        for (; k < K; k++) yr[k] = f32_to_bf16(glu_scalar(bf16_to_f32(gr[k]), bf16_to_f32(ur[k]), gelu));
+#endif
+    }
+    return 0;
+}
+
+int glu_silu_bf16(const uint16_t *g, int64_t ldg, const uint16_t *u, int64_t ldu, uint16_t *y, int64_t ldy,
+                  int64_t M, int64_t K) {
+    return glu_rows(g, ldg, u, ldu, y, ldy, M, K, 0);
+}
+
+int glu_gelu_tanh_bf16(const uint16_t *g, int64_t ldg, const uint16_t *u, int64_t ldu, uint16_t *y, int64_t ldy,
+                       int64_t M, int64_t K) {
+    return glu_rows(g, ldg, u, ldu, y, ldy, M, K, 1);
 }
 
 /* ---- int4 weight-only matmul: y = x W^T (+ b), W stored as 4-bit codes with per-group scales and zeros ----
