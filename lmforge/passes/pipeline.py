@@ -4,10 +4,11 @@
     cleanup   remove-noops, dce                        fewer pass-through nodes for the fusions to walk
     fuse      fuse-attention                           on the float graph, before convert-dtype casts it
     lower     quantize, convert-dtype                  quantize reads the weights as captured; then the dtype
-    fuse      fuse-rmsnorm, fuse-rotary                they fuse the casts lowering added
+    fuse      fuse-rmsnorm, fuse-rotary, fuse-glu      they fuse the casts lowering added
     fold      constant-fold                            tabulates per-position work up to max_seq_len
     shard     shard                                    last: every rewrite before it sees one device's graph
-    cleanup   dce                                      drops what the rewrites disconnected
+    cleanup   cse, dce                                 one copy of what every layer recomputes (cos/sin views and
+                                                       casts), then drops what the rewrites disconnected
 
 Each step names a pass and how its options follow from the user's choices (`dtype`, `max_seq_len`, the
 quantization options, `tp`), or None when the step does not apply. The pass manager enforces the order
@@ -53,10 +54,10 @@ PHASES: tuple[tuple[str, tuple[tuple[str, Options], ...]], ...] = (
     ("cleanup", (("remove-noops", ALWAYS), ("dce", ALWAYS))),
     ("fuse", (("fuse-attention", ALWAYS),)),
     ("lower", (("quantize", _quantize), ("convert-dtype", _convert))),
-    ("fuse", (("fuse-rmsnorm", ALWAYS), ("fuse-rotary", ALWAYS))),
+    ("fuse", (("fuse-rmsnorm", ALWAYS), ("fuse-rotary", ALWAYS), ("fuse-glu", ALWAYS))),
     ("fold", (("constant-fold", lambda c: {"max_positions": c.max_seq_len} if c.max_seq_len else {}),)),
     ("shard", (("shard", lambda c: {"tp": c.tp} if c.tp > 1 else None),)),
-    ("cleanup", (("dce", ALWAYS),)),
+    ("cleanup", (("cse", ALWAYS), ("dce", ALWAYS))),
 )
 
 
