@@ -1,6 +1,7 @@
 """The load pipeline: the rewrites that fit a loaded graph to this machine, run by the pass manager.
 
     retarget{device=cuda:0}         point the graph's tensor creations (`arange(..., device=cpu)`) at the device
+    fuse-linears                    linear layers reading one input become one (q/k/v, gate/up: `fuse_linears.py`)
     weight-layout{layout=gemv}      store linear weights the way this machine multiplies fastest (`layout.py`)
     prepare-kernels{device=cpu}     each op's `OpFacts.prepare` hook: fit its inputs to its kernel (int4 widens its
                                     scales and zero points to float32 for the CPU kernel)
@@ -21,7 +22,7 @@ import torch
 from lmforge.ir.graph import GraphIR, op_name
 from lmforge.ir.ops import op_facts
 from lmforge.ir.pass_manager import PROPERTIES, PassManager, PassResult, register_pass
-from lmforge.runtime import bind, layout
+from lmforge.runtime import bind, fuse_linears, layout  # noqa: F401  (fuse_linears registers its pass)
 
 LOADED = frozenset({"specs", "cache-in-place"})  # what a graph read from an artifact is known to have
 
@@ -81,6 +82,7 @@ def bind_cpu_kernels(ir: GraphIR, options: DeviceOptions) -> PassResult:
 def load_pipeline(device: torch.device, weight_layout: str) -> str:
     """The load passes for `device` with linear weights in `weight_layout`, as a pipeline string."""
     steps = [] if device.type == "cpu" else [f"retarget{{device={device}}}"]
+    steps.append("fuse-linears")
     if weight_layout != "source":
         steps.append(f"weight-layout{{layout={weight_layout}}}")
     if device.type == "cpu":

@@ -53,8 +53,13 @@ def test_gemv_layout_in_bfloat16(arch, artifacts, hf_model, monkeypatch):
     gemv = lmforge.load(path)
     assert gemv.weight_layout == "gemv"
     fused = [n for n in gemv.ir.graph.nodes if n.target is torch.ops.lmforge.linear.default]
-    layers = sum(isinstance(m, (torch.nn.Linear, Conv1D)) for m in hf_model.modules())
-    assert len(fused) == layers  # counted on the Hugging Face model, not on our graph
+    layers = {name for name, m in hf_model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+    prefix = lambda name: name.rpartition(".")[0]  # noqa: E731  "model.layers.0.self_attn"
+    covered = []  # the Hugging Face layers each lmforge.linear computes (q/k/v and gate/up fused at load)
+    for node in fused:
+        first, *rest = gemv.ir.weight_names[node.args[1].target].removesuffix(".T").removesuffix(".weight").split("+")
+        covered += [first] + [f"{prefix(first)}.{part}" for part in rest]
+    assert sorted(covered) == sorted(layers | {"lm_head"}) or sorted(covered) == sorted(layers)
     left = {aten.linear.default, aten.addmm.default, aten.mm.default, aten.matmul.default}
     assert not any(n.target in left and any(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in n.args)
                    for n in gemv.ir.graph.nodes)

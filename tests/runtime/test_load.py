@@ -19,14 +19,14 @@ from lmforge.ir.ops import op_facts
 from lmforge.ir.pass_manager import PROPERTIES, PassManager, check_order, format_pipeline, parse_pipeline, registered_passes
 from lmforge.ir.spec import TensorSpec
 from lmforge.ir.verify import VerifyError
-from lmforge.runtime import bind, layout, load
+from lmforge.runtime import bind, fuse_linears, layout, load
 from lmforge.runtime.artifact import load_graph, read_manifest
 from lmforge.runtime.load import LOADED, load_pipeline, prepare
 from tests.conftest import make_model, random_ids
 from tests.ir.test_capture import run_chunks
 
 aten = torch.ops.aten
-STEPS = ["retarget", "weight-layout", "prepare-kernels", "bind-cpu-kernels"]  # the order they run in
+STEPS = ["retarget", "fuse-linears", "weight-layout", "prepare-kernels", "bind-cpu-kernels"]  # the order they run in
 CPU = torch.device("cpu")
 
 
@@ -36,11 +36,11 @@ def _graph(path):
 
 
 @pytest.mark.parametrize("device, weight_layout, pipeline", [
-    ("cpu", "source", "prepare-kernels,bind-cpu-kernels"),
-    ("cpu", "transposed", "weight-layout{layout=transposed},prepare-kernels,bind-cpu-kernels"),
-    ("cpu", "gemv", "weight-layout{layout=gemv},prepare-kernels,bind-cpu-kernels"),
-    ("cuda:0", "source", "retarget{device=cuda:0}"),
-    ("cuda:1", "transposed", "retarget{device=cuda:1},weight-layout{layout=transposed}"),
+    ("cpu", "source", "fuse-linears,prepare-kernels,bind-cpu-kernels"),
+    ("cpu", "transposed", "fuse-linears,weight-layout{layout=transposed},prepare-kernels,bind-cpu-kernels"),
+    ("cpu", "gemv", "fuse-linears,weight-layout{layout=gemv},prepare-kernels,bind-cpu-kernels"),
+    ("cuda:0", "source", "retarget{device=cuda:0},fuse-linears"),
+    ("cuda:1", "transposed", "retarget{device=cuda:1},fuse-linears,weight-layout{layout=transposed}"),
 ])
 def test_pipeline_for_device_and_layout(device, weight_layout, pipeline):
     """A CPU engine widens int4 scales and binds kernels, a GPU one retargets tensor creations; a layout other
@@ -70,12 +70,15 @@ def test_pipeline_steps_keep_their_order():
 def test_load_passes_are_registered():
     """Each step is a pass of the manager's registry, needing only specs and keeping every property."""
     passes = registered_passes()
-    functions = {"retarget": load.retarget, "weight-layout": load.weight_layout,
-                 "prepare-kernels": load.prepare_kernels, "bind-cpu-kernels": load.bind_cpu_kernels}
+    functions = {"retarget": load.retarget, "fuse-linears": fuse_linears.fuse_linears,
+                 "weight-layout": load.weight_layout, "prepare-kernels": load.prepare_kernels,
+                 "bind-cpu-kernels": load.bind_cpu_kernels}
     for name in STEPS:
         info = passes[name]
         assert info.fn is functions[name]
-        assert info.requires == {"specs"} and info.preserves == PROPERTIES and not info.establishes
+        # fuse-linears' weights are final: neither quantize nor fuse-attention may follow it
+        kept = PROPERTIES - {"unquantized", "source-dtype"} if name == "fuse-linears" else PROPERTIES
+        assert info.requires == {"specs"} and info.preserves == kept and not info.establishes
     assert passes["retarget"].options().device == "cpu" and passes["weight-layout"].options().layout == "source"
 
 
@@ -95,6 +98,9 @@ def test_prepare_matches_hf_and_records_each_pass(arch, weight_layout, artifacts
     stats = {h["pass"].split("{")[0]: h["stats"] for h in added}
     assert stats["prepare-kernels"] == {}  # nothing quantized
     assert stats["bind-cpu-kernels"] == {"bound": bindable} and bindable > 0
+    fused = stats["fuse-linears"]
+    assert fused["groups"] == (0 if arch == "gpt2" else 2 * hf_model.config.num_hidden_layers)  # q/k/v, gate/up
+    linears -= fused["linears"] - fused["groups"]
     if weight_layout == "transposed":
         assert stats["weight-layout"] == {"transposed-linears": linears} and linears > 0
         assert not any(n.target is aten.linear.default for n in ir.graph.nodes)
@@ -122,13 +128,15 @@ def test_retarget_points_tensor_creations_at_the_device(unfused_artifact):
     weights = dict(ir.weights())
     targets = [(n.target, n.args) for n in ir.graph.nodes]
     prepare(ir, torch.device("cuda:0"), "source")
-    assert ir.history[-1]["pass"] == "retarget{device=cuda:0}"
-    assert ir.history[-1]["stats"] == {"retargeted": len(created)} and ir.history[-1]["changed"]
+    step = next(h for h in reversed(ir.history) if h["pass"].startswith("retarget"))
+    assert step["pass"] == "retarget{device=cuda:0}"
+    assert step["stats"] == {"retargeted": len(created)} and step["changed"]
     assert all(n.kwargs["device"] == torch.device("cuda:0") for n in created)
     assert [(n.target, n.args) for n in ir.graph.nodes] == targets
     assert all(ir.weight(a) is t and t.device == CPU for a, t in weights.items())
     prepare(ir, torch.device("cuda:0"), "source")  # a second time there is nothing left to move
-    assert ir.history[-1]["stats"] == {"retargeted": 0} and not ir.history[-1]["changed"]
+    step = next(h for h in reversed(ir.history) if h["pass"].startswith("retarget"))
+    assert step["stats"] == {"retargeted": 0} and not step["changed"]
 
 
 def test_a_broken_graph_is_refused_before_any_pass(artifacts):
@@ -170,8 +178,8 @@ def test_a_failing_load_pass_is_named(name, module, function, artifacts, monkeyp
         raise RuntimeError("out of luck")
 
     monkeypatch.setattr(module, function, fail)
-    before = {"weight-layout": "", "prepare-kernels": " (after weight-layout)",
-              "bind-cpu-kernels": " (after weight-layout, prepare-kernels)"}[name]
+    before = {"weight-layout": " (after fuse-linears)", "prepare-kernels": " (after fuse-linears, weight-layout)",
+              "bind-cpu-kernels": " (after fuse-linears, weight-layout, prepare-kernels)"}[name]
     with pytest.raises(PassError, match="^" + re.escape(f"pass '{name}' failed{before}: out of luck") + "$"):
         prepare(ir, CPU, "transposed")
 
@@ -195,7 +203,7 @@ def test_prepare_kernels_widens_int4_scales(int4_artifact):
     assert len(nodes) == len(layers) > 0
     assert all(n.args[i].meta["spec"].dtype == torch.bfloat16 for n in nodes for i in (2, 3))
     names = {ir.weight_names[n.args[i].target] for n in nodes for i in (2, 3)}
-    prepare(ir, CPU, "source")
+    PassManager("prepare-kernels,bind-cpu-kernels").run(ir, properties=LOADED)  # the CPU's steps, unfused
     step = next(h for h in ir.history if h["pass"] == "prepare-kernels")
     assert step["changed"] and step["stats"] == {"prepared-int4_linear": len(layers)}
     nodes = [n for n in ir.graph.nodes if n.target is int4_linear_impl]  # bound after widening

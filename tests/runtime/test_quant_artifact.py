@@ -48,7 +48,10 @@ def test_loading_never_requantizes_and_matches_hf(llama_int4, monkeypatch):
     assert eng.load_seconds is not None and eng.load_seconds > 0
     on_disk = load_file(str(art.path / "model.safetensors"))
     loaded = {eng.ir.weight_names[a]: t for a, t in eng.ir.weights().items()}
-    assert torch.equal(loaded["model.layers.1.mlp.up_proj.qweight"], on_disk["model.layers.1.mlp.up_proj.qweight"])
+    # the stored codes, only laid side by side: gate/up fused at load (runtime/fuse_linears.py)
+    fused = loaded["model.layers.1.mlp.gate_proj+up_proj.qweight"]
+    assert torch.equal(fused, torch.cat([on_disk["model.layers.1.mlp.gate_proj.qweight"],
+                                         on_disk["model.layers.1.mlp.up_proj.qweight"]]))
     ids = random_ids(2, 10, seed=3)
     ir = _quantized(model, "scheme=int4,group_size=32")
     with torch.no_grad():
