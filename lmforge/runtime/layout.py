@@ -99,14 +99,9 @@ def use_gemv(ir: GraphIR) -> int:
         if not (node.target in (aten.addmm.default, aten.mm.default) and lin.transposed and lin.through is None
                 and lin.weight.meta["spec"].dtype == torch.bfloat16):
             continue
-        attr = lin.weight.target
-        if attr not in untransposed:
-            untransposed[attr] = ir.unique_attr(f"{attr}_t")
-            ir.set_weight(untransposed[attr], ir.weight(attr).t().contiguous(),
-                          source_name=ir.weight_names.get(attr, attr) + ".T", kind=ir.weight_kind(attr))
         spec = lin.weight.meta["spec"]
         with ir.graph.inserting_before(node):
-            w = ir.graph.get_attr(untransposed[attr])
+            w = ir.graph.get_attr(_transposed_copy(ir, lin.weight.target, untransposed))
             new = ir.graph.call_function(linear, (lin.x, w, lin.bias))
         w.meta["spec"] = replace(spec, shape=tuple(reversed(spec.shape)))
         new.meta["spec"] = node.meta["spec"]
@@ -117,6 +112,16 @@ def use_gemv(ir: GraphIR) -> int:
     ir.prune_weights()
     ir.gm.recompile()
     return count
+
+
+def _transposed_copy(ir: GraphIR, attr: str, made: dict[str, str]) -> str:
+    """The attribute of a contiguous transposed copy of weight `attr` (saved as `<name>.T`), made once per
+    weight: `made` maps each weight copied so far to its copy."""
+    if attr not in made:
+        made[attr] = ir.unique_attr(f"{attr}_t")
+        ir.set_weight(made[attr], ir.weight(attr).t().contiguous(), source_name=ir.weight_names.get(attr, attr) + ".T",
+                      kind=ir.weight_kind(attr))
+    return made[attr]
 
 
 def _plain_linears(ir: GraphIR) -> list[Linear]:
@@ -130,15 +135,10 @@ def transpose_linear_weights(ir: GraphIR) -> int:
     done: dict[str, str] = {}
     count = 0
     for lin in _plain_linears(ir):
-        node, attr = lin.node, lin.weight.target
-        if attr not in done:
-            done[attr] = ir.unique_attr(f"{attr}_t")
-            weight = ir.weight(attr)
-            ir.set_weight(done[attr], weight.t().contiguous(), source_name=ir.weight_names.get(attr, attr) + ".T",
-                          kind=ir.weight_kind(attr))
+        node = lin.node
         spec = node.args[1].meta["spec"]
         with graph.inserting_before(node):
-            wt = graph.get_attr(done[attr])
+            wt = graph.get_attr(_transposed_copy(ir, lin.weight.target, done))
             out = graph.call_function(aten.matmul.default, (node.args[0], wt))
         wt.meta["spec"] = replace(spec, shape=tuple(reversed(spec.shape)))
         out.meta["spec"] = node.meta["spec"]

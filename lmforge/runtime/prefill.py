@@ -44,7 +44,7 @@ def _last_axis(node: fx.Node) -> bool:
 
 def _projection(out: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     """The final projection feeding the graph's logits, and the per-position nodes after it; or None."""
-    (node,) = out.args[0][:1]
+    node = out.args[0][0]
     after: list[fx.Node] = []
     while isinstance(node, fx.Node) and as_linear(node) is None:
         if node.op != "call_function" or not (node.target in _PER_POSITION or _last_axis(node)):
