@@ -22,15 +22,17 @@ picked the same token as transformers in the same dtype (float32 should match al
 Run (from the repository root):
 
     python bench/decode_cpu.py [--new-tokens 64] [--prompt-len 32] [--repeats 5] [--threads N]
-                               [--quant int4,fp8] [--group-size G] [--json]
+                               [--quant int4,int4-q8,fp8] [--group-size G] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
+import os
 import tempfile
 import time
 import warnings
@@ -43,6 +45,7 @@ import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lmforge
+from lmforge.codegen import cpu_gemv
 from lmforge.runtime.measure import memory_bandwidth
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -161,6 +164,22 @@ def format_table(rows: list[Row], new_tokens: int) -> str:
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths), *map(fmt, body)])
 
 
+@contextlib.contextmanager
+def int4_activations(value: str):
+    """Run with `LMFORGE_INT4_ACT=value`: the CPU kernels are rebuilt from the setting on entry and on exit."""
+    old = os.environ.get("LMFORGE_INT4_ACT")
+    os.environ["LMFORGE_INT4_ACT"] = value
+    cpu_gemv.kernel.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("LMFORGE_INT4_ACT")
+        else:
+            os.environ["LMFORGE_INT4_ACT"] = old
+        cpu_gemv.kernel.cache_clear()
+
+
 def parse_args() -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -168,15 +187,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; best counts (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--quant", default="int4", help="quantized bfloat16 rows, comma-separated: int4, fp8, or '' for "
+    p.add_argument("--quant", default="int4", help="quantized bfloat16 rows, comma-separated: int4, int4-q8 (int4 "
+                                                   "with int8 activations, LMFORGE_INT4_ACT=int8), fp8, or '' for "
                                                    "none (default int4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256),
                    help="int4 group size (default: fitted per layer, 128 or the largest that divides it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
     args.quant = [q.strip() for q in args.quant.split(",") if q.strip()]
-    if any(q not in ("int4", "fp8") for q in args.quant):
-        p.error("--quant takes int4 and/or fp8")
+    if any(q not in ("int4", "int4-q8", "fp8") for q in args.quant):
+        p.error("--quant takes int4, int4-q8 and/or fp8")
     if args.new_tokens < 1 or args.prompt_len < 1 or args.repeats < 1:
         p.error("--new-tokens, --prompt-len and --repeats must be >= 1")
     if args.prompt_len + args.new_tokens > SMOLLM_135M["max_position_embeddings"]:
@@ -197,8 +217,12 @@ def main() -> None:
         for dtype in DTYPES:
             rows += bench_dtype(model, dtype, ids, args.new_tokens, args.repeats, Path(work), bandwidth)
         for quant in args.quant:  # HF bf16 runs again beside each, for the same-conditions ratio
-            rows += bench_dtype(model, "bfloat16", ids, args.new_tokens, args.repeats, Path(work), bandwidth, quant,
-                                args.group_size)[1:]
+            with int4_activations("int8" if quant == "int4-q8" else "float"):
+                row = bench_dtype(model, "bfloat16", ids, args.new_tokens, args.repeats, Path(work), bandwidth,
+                                  quant.removesuffix("-q8"), args.group_size)[1]
+            if quant == "int4-q8":
+                row.engine += " (int8 act)"
+            rows.append(row)
     hf_fp32 = next(r.tokens_per_s for r in rows if r.engine == "HF eager" and r.dtype == "float32")
     for r in rows:
         r.ratio_vs_hf_fp32 = r.tokens_per_s / hf_fp32

@@ -1,4 +1,4 @@
-"""The CPU decode kernels: `cpu/gemv.c`, built on first use with the machine's C compiler.
+"""The CPU decode kernels: `cpu/gemv.c` and `cpu/int4_q8.c`, built on first use with the machine's C compiler.
 
     kernel()(x, w, b=None) -> y          x (..., K) bfloat16 with at most MAX_ROWS rows, w (N, K), b (N,): y (..., N)
     kernel().rms_norm(x, w, eps) -> y    x (..., K) bfloat16, w (K,) bfloat16: RMSNorm in float32, rounded once
@@ -8,7 +8,9 @@
     kernel().int4(x, qweight, scales, zeros, group_size, bias=None) -> y
                                          x (..., K) bfloat16 or float32, any number of rows; int4 weights
                                          qweight (N, K // 2) uint8 (column 2j in the low nibble of byte j),
-                                         scales and zeros (N, K // group_size) float32 (zeros None: all 8)
+                                         scales and zeros (N, K // group_size) float32 (zeros None: all 8);
+                                         with `LMFORGE_INT4_ACT=int8` (`int4_activations()`), calls of up to
+                                         Q8_MAX_ROWS rows quantize x to int8 per 32 columns (int4_q8.c)
 
 Why: a decode step multiplies one row of activations by every weight, so it is bound by how fast the
 weights stream from memory. PyTorch's bfloat16 one-row matmul (oneDNN) reads about 11-17 GB/s on a
@@ -35,11 +37,25 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
+SOURCES = (SOURCE, SOURCE.with_name("int4_q8.c"))  # compiled together into one library
+HEADERS = (SOURCE.with_name("bf16.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
+Q8_MAX_ROWS = 8  # Q8_MAX_ROWS in int4_q8.c
+INT4_ACTIVATIONS = ("int8", "float")  # LMFORGE_INT4_ACT: what an int4 decode GEMV multiplies the codes with
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes gemm_int4 takes
 _INT4_X_DTYPES = (torch.bfloat16, torch.float32)
 GLU_ACTS = ("silu", "gelu_tanh")  # the activations glu_*_bf16 in gemv.c compute
+
+
+def int4_activations() -> str:
+    """`LMFORGE_INT4_ACT`: "int8" quantizes the activations of an int4 decode GEMV (up to Q8_MAX_ROWS
+    rows) to int8 per 32 columns and multiplies in integers (int4_q8.c); "float" (the default) keeps them in their dtype
+    (gemm_int4 in gemv.c, also what any larger batch and a CPU without AVX512-VNNI use)."""
+    value = os.environ.get("LMFORGE_INT4_ACT", "float")
+    if value not in INT4_ACTIVATIONS:
+        raise ValueError(f"LMFORGE_INT4_ACT={value!r}: use one of {', '.join(INT4_ACTIVATIONS)}")
+    return value
 
 
 def cache_dir() -> Path:
@@ -58,7 +74,8 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     flags = FLAGS + tuple(extra_flags)
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     native = subprocess.run([cc, "-march=native", "-Q", "--help=target"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), cc, version, native, *flags]).encode()).hexdigest()[:16]
+    texts = [f.read_text() for f in SOURCES + HEADERS]
+    key = hashlib.sha256("\n".join([*texts, cc, version, native, *flags]).encode()).hexdigest()[:16]
     target = cache_dir() / "kernels" / f"gemv-{key}.so"
     if target.is_file():
         return target
@@ -66,9 +83,9 @@ def build(extra_flags: tuple[str, ...] = ()) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        result = subprocess.run([cc, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"{cc} failed on {SOURCE.name}: {result.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"{cc} failed on {', '.join(f.name for f in SOURCES)}: {result.stderr.strip().splitlines()[-1:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -112,6 +129,12 @@ class Kernel:
         q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
             [ctypes.c_int64] * 5 + [ctypes.c_int]
         self._int4 = q4
+        q8 = self.lib.gemv_int4_q8
+        q8.restype = ctypes.c_int
+        q8.argtypes = q4.argtypes
+        self._int4_q8 = q8
+        # int4 decode with int8 activations (int4_q8.c), where the build has AVX512-VNNI
+        self.int8_activations = bool(self.lib.int4_q8_available()) and int4_activations() == "int8"
 
     def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x * cos + rotate_half(x) * sin with bfloat16 rounding after each op; x (B, H, S, D), cos and sin
@@ -176,7 +199,8 @@ class Kernel:
                 x2 = x2.contiguous()
             M, ldx = x2.shape[0], x2.stride(0)
         y = x.new_empty((*x.shape[:-1], N))
-        err = self._int4(x2.data_ptr(), ldx, x.dtype == torch.float32, qweight.data_ptr(), scales.data_ptr(),
+        fn = self._int4_q8 if self.int8_activations and M <= Q8_MAX_ROWS else self._int4
+        err = fn(x2.data_ptr(), ldx, x.dtype == torch.float32, qweight.data_ptr(), scales.data_ptr(),
                          None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
                          y.data_ptr(), N, M, N, K, group_size, torch.get_num_threads())
         if err == -1:

@@ -106,3 +106,29 @@ def test_forced_triton_kernels_match_hf(llama_int4, monkeypatch):
     with torch.no_grad():
         want = _dequantized_model(model, ir)(ids).logits
     torch.testing.assert_close(eng.forward(ids), want, rtol=1e-3, atol=1e-3)
+
+
+def test_int8_activations_stay_close_to_hf(llama_int4, monkeypatch):
+    """`LMFORGE_INT4_ACT=int8` (cpu/int4_q8.c): a short prompt (<= 8 rows, as decode) through the int8-activation
+    kernel, against HF on the dequantized weights; measured max error 1.2% of the logits' largest magnitude here."""
+    from lmforge.codegen import cpu_gemv
+
+    if not cpu_gemv.available() or not cpu_gemv.kernel().lib.int4_q8_available():
+        pytest.skip("no AVX512-VNNI build of the CPU kernels")
+    model, art = llama_int4
+    ids = random_ids(1, 6, seed=5)
+    ir = _quantized(model, "scheme=int4,group_size=32")
+    with torch.no_grad():
+        want = _dequantized_model(model, ir)(ids).logits
+    float_path = lmforge.load(art.path).forward(ids)
+    monkeypatch.setenv("LMFORGE_INT4_ACT", "int8")
+    cpu_gemv.kernel.cache_clear()
+    try:
+        got = lmforge.load(art.path).forward(ids)
+    finally:
+        monkeypatch.undo()
+        cpu_gemv.kernel.cache_clear()
+    scale = float(want.abs().max())
+    err = float((got - want).abs().max())
+    assert 0 < err < 0.02 * scale, (err, scale)  # quantized activations: close, yet not the float path
+    assert float((float_path - want).abs().max()) < 1e-4 * max(1.0, scale)
