@@ -35,3 +35,17 @@ def test_tp_bench_smoke():
     assert [int(r[0]) for r in rows] == [1, 2]
     assert float(rows[1][4].strip().rstrip(" %")) > 0  # tp 2 spends time in collectives
     assert int(rows[1][5]) == 5  # two all-reduces per layer, one for the vocab-parallel embeddings
+
+
+def test_int4_cpu_bench_smoke():
+    """bench/int4_cpu.py, one round over one copy: a row per shape with both kernels' timings."""
+    from lmforge.codegen import cpu_gemv
+
+    if not cpu_gemv.available() or not cpu_gemv.kernel().lib.int4_q8_available():
+        pytest.skip("no AVX512-VNNI build of the CPU kernels")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "int4_cpu.py"), "--rounds", "1", "--copies", "1"],
+                            capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(("| smollm", "| llama-1b"))]
+    assert len(rows) == 7
+    assert all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
