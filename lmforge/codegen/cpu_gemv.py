@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from lmforge.errors import ArtifactError
+
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
 SOURCES = (SOURCE, SOURCE.with_name("int4_q8.c"))  # compiled together into one library
 HEADERS = (SOURCE.with_name("bf16.h"),)
@@ -54,7 +56,7 @@ def int4_activations() -> str:
     (gemm_int4 in gemv.c, also what any larger batch and a CPU without AVX512-VNNI use)."""
     value = os.environ.get("LMFORGE_INT4_ACT", "float")
     if value not in INT4_ACTIVATIONS:
-        raise ValueError(f"LMFORGE_INT4_ACT={value!r}: use one of {', '.join(INT4_ACTIVATIONS)}")
+        raise ArtifactError(f"LMFORGE_INT4_ACT={value!r}: use one of {', '.join(INT4_ACTIVATIONS)}")
     return value
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lmforge.codegen import cpu_gemv
+from lmforge.errors import ArtifactError
 from tests.codegen.test_cpu_gemv import int4_inputs, int4_reference
 
 pytestmark = pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build the CPU kernel")
@@ -92,5 +93,5 @@ def test_the_setting_chooses_the_path(monkeypatch):
     k = cpu_gemv.Kernel(cpu_gemv.build())
     assert k.int8_activations == bool(k.lib.int4_q8_available())
     monkeypatch.setenv("LMFORGE_INT4_ACT", "int16")
-    with pytest.raises(ValueError, match="LMFORGE_INT4_ACT='int16': use one of int8, float"):
+    with pytest.raises(ArtifactError, match="LMFORGE_INT4_ACT='int16': use one of int8, float"):
         cpu_gemv.int4_activations()
