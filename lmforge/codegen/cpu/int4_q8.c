@@ -41,7 +41,6 @@
 #define Q8_CHUNK 64   /* columns per step: 32 bytes of a weight row, one 512-bit vector of xq */
 
 int int4_q8_available(void) { return Q8_ISA; }
-int int4_q8_max_rows(void) { return Q8_MAX_ROWS; }
 
 #if Q8_ISA
 typedef struct {
@@ -175,10 +174,10 @@ int gemv_int4_q8(const void *x, int64_t ldx, int f32, const uint8_t *qw, const f
     size_t z_bytes = ((size_t)(M * (K / G)) * 4 + 63) & ~(size_t)63;
     char *buf = aligned_alloc(64, xq_bytes + sv_bytes + z_bytes);
     if (!buf) return -2;
-    q8_args a = {(const int8_t *)buf, (const float *)(buf + xq_bytes), (const float *)(buf + xq_bytes + sv_bytes),
-                 qw, scales, zeros, K, G, C, __builtin_ctzll((unsigned long long)G), b, y, ldy, f32};
-    for (int64_t m = 0; m < M; m++)
-        q8_prepare(x, ldx, m, &a, (int8_t *)buf, (float *)(buf + xq_bytes), (float *)(buf + xq_bytes + sv_bytes));
+    int8_t *xq = (int8_t *)buf;
+    float *xsv = (float *)(buf + xq_bytes), *xz = (float *)(buf + xq_bytes + sv_bytes);
+    q8_args a = {xq, xsv, xz, qw, scales, zeros, K, G, C, __builtin_ctzll((unsigned long long)G), b, y, ldy, f32};
+    for (int64_t m = 0; m < M; m++) q8_prepare(x, ldx, m, &a, xq, xsv, xz);
     /* contiguous blocks of weight rows, a multiple of 4 each */
     const int64_t block = ((N + threads - 1) / threads + 3) / 4 * 4;
 #pragma omp parallel for schedule(static) num_threads(threads)
