@@ -16,7 +16,9 @@ multiple of Hkv; query head h reads kv head h // (Hq // Hkv).
 
 Two implementations, chosen per call by `LMFORGE_KERNELS` (`codegen/dispatch.py`):
 - `torch` (the CPU default): the PyTorch reference below, through `scaled_dot_product_attention`, with
-  grouped queries folded into the sequence dimension so K/V are never repeated;
+  grouped queries folded into the sequence dimension so K/V are never repeated; on the CPU, a decode call
+  (one causal query per row, float32 or bfloat16) runs `cpu/attention.c` instead (`LMFORGE_CPU_KERNELS=0`
+  keeps the reference);
 - `triton` (the CUDA default): `codegen/kernels/attention.py`.
 
 Registered with `torch.library`, so torch.export, FX serialization (`lmforge.attention.default`) and
@@ -28,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lmforge.codegen import cpu_gemv
 from lmforge.codegen.dispatch import use_triton
 from lmforge.ir.ops import Casts, OpFacts, register_op
 from lmforge.ir.verify import same_float_dtype
@@ -91,6 +94,10 @@ def _append(k, v, k_cache, v_cache) -> None:
 
 
 def attention_impl(q, k, v, k_cache, v_cache, attention_mask, scale: float, causal: bool = True, window: int = 0):
+    if q.device.type == "cpu" and not use_triton(q):
+        kernel = cpu_gemv.kernel()
+        if kernel is not None and cpu_gemv.supports_attention(q, k, v, k_cache, v_cache, attention_mask, causal):
+            return kernel.attention(q, k, v, k_cache, v_cache, attention_mask, scale, window)
     _append(k, v, k_cache, v_cache)
     if use_triton(q):
         from lmforge.codegen.kernels import attention as kernels

@@ -1,7 +1,10 @@
-"""The CPU decode kernels: `cpu/gemv.c` and `cpu/int4_q8.c`, built on first use with the machine's C compiler.
+"""The CPU decode kernels: `cpu/gemv.c`, `cpu/gemv_f32.c`, `cpu/norm.c`, `cpu/int4_q8.c` and `cpu/attention.c`,
+built on first use with the machine's C compiler.
 
-    kernel()(x, w, b=None) -> y          x (..., K) bfloat16 with at most MAX_ROWS rows, w (N, K), b (N,): y (..., N)
-    kernel().rms_norm(x, w, eps) -> y    x (..., K) bfloat16, w (K,) bfloat16: RMSNorm in float32, rounded once
+    kernel()(x, w, b=None) -> y          x (..., K) bfloat16 or float32 with at most MAX_ROWS rows, w (N, K), b (N,)
+                                         of x's dtype: y (..., N) (gemv.c, gemv_f32.c)
+    kernel().rms_norm(x, w, eps) -> y    x (..., K), w (K,), bfloat16 or float32: RMSNorm in float32, rounded once
+    kernel().add_rms_norm(a, b, w, eps) -> (y, s)   s = a + b, y = rms_norm(s, w, eps) (norm.c)
     kernel().rotary(x, cos, sin) -> y    x (B, H, S, D), cos/sin (B, 1|H, S, D) bfloat16: rotate-half rotary
     kernel().glu(gate, up, act) -> y     gate, up (..., K) bfloat16: bf16(bf16(act(gate)) * up), act "silu" or
                                          "gelu_tanh" (`GLU_ACTS`)
@@ -11,12 +14,17 @@
                                          scales and zeros (N, K // group_size) float32 (zeros None: all 8);
                                          with `LMFORGE_INT4_ACT=int8` (`int4_activations()`), calls of up to
                                          Q8_MAX_ROWS rows quantize x to int8 per 32 columns (int4_q8.c)
+    kernel().attention(q, k, v, k_cache, v_cache, mask, scale, window) -> out
+    kernel().qkv_attention(qkv, cos, sin, k_cache, v_cache, mask, q_heads, kv_heads, head_dim, v_head_dim, scale,
+                           window) -> out
+                                         `lmforge::attention` and `lmforge::qkv_attention` for one new token per
+                                         row (attention.c)
 
 Why: a decode step multiplies one row of activations by every weight, so it is bound by how fast the
 weights stream from memory. PyTorch's bfloat16 one-row matmul (oneDNN) reads about 11-17 GB/s on a
 2-core AVX-512 EPYC whose memory gives 35; this kernel reads 26-33 GB/s there (`bench/decode_cpu.py`).
 
-The source is compiled once per machine with `-O3 -march=native -fopenmp` into a shared library cached
+The source is compiled once per machine with `-O3 -march=native -fopenmp -ffp-contract=off` into a shared library cached
 under `$LMFORGE_CACHE_DIR` (default `~/.cache/lmforge`), named by a hash of the source, the compiler's
 version and the flags, written to a temporary file and renamed (concurrent builds are safe). It is loaded
 with ctypes; its OpenMP is the one torch already loaded, so the two share one thread pool. Without a C
@@ -39,14 +47,16 @@ import torch
 from lmforge.errors import ArtifactError
 
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
-SOURCES = (SOURCE, SOURCE.with_name("int4_q8.c"))  # compiled together into one library
+SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4_q8.c", "attention.c"))
 HEADERS = (SOURCE.with_name("bf16.h"),)
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")  # products rounded as PyTorch rounds them
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
 Q8_MAX_ROWS = 8  # Q8_MAX_ROWS in int4_q8.c
 INT4_ACTIVATIONS = ("int8", "float")  # LMFORGE_INT4_ACT: what an int4 decode GEMV multiplies the codes with
+ATTN_MAX_HEAD_DIM = 512  # in attention.c
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes gemm_int4 takes
 _INT4_X_DTYPES = (torch.bfloat16, torch.float32)
+GEMV_DTYPES = (torch.bfloat16, torch.float32)  # gemv_bf16 (gemv.c), gemv_f32 (gemv_f32.c)
 GLU_ACTS = ("silu", "gelu_tanh")  # the activations glu_*_bf16 in gemv.c compute
 
 
@@ -108,12 +118,20 @@ class Kernel:
         fn.restype = ctypes.c_int
         fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                        ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
-        self._fn = fn
-        norm = self.lib.rmsnorm_bf16
+        f32 = self.lib.gemv_f32
+        f32.restype, f32.argtypes = ctypes.c_int, fn.argtypes
+        self._gemv = {torch.bfloat16: fn, torch.float32: f32}
+        norm = self.lib.rms_norm_rows
         norm.restype = ctypes.c_int
-        norm.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+        norm.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
                          ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
         self._norm = norm
+        add_norm = self.lib.add_rms_norm_rows
+        add_norm.restype = ctypes.c_int
+        add_norm.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                             ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                             ctypes.c_int64]
+        self._add_norm = add_norm
         rot = self.lib.rotary_bf16
         rot.restype = ctypes.c_int
         rot.argtypes = [ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + \
@@ -135,6 +153,18 @@ class Kernel:
         q8.restype = ctypes.c_int
         q8.argtypes = q4.argtypes
         self._int4_q8 = q8
+        att = self.lib.attention_decode
+        att.restype = ctypes.c_int
+        att.argtypes = [ctypes.c_int] + ([ctypes.c_void_p] + [ctypes.c_int64] * 2) * 3 + \
+            ([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 2 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                                            ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 8 + [ctypes.c_int]
+        self._attention = att
+        qkv = self.lib.qkv_attention_decode
+        qkv.restype = ctypes.c_int
+        qkv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + \
+            ([ctypes.c_void_p] + [ctypes.c_int64] * 3) * 2 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float,
+                                                            ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6 + [ctypes.c_int]
+        self._qkv_attention = qkv
         # int4 decode with int8 activations (int4_q8.c), where the build has AVX512-VNNI
         self.int8_activations = bool(self.lib.int4_q8_available()) and int4_activations() == "int8"
 
@@ -159,15 +189,65 @@ class Kernel:
         self._glu[act](g.data_ptr(), ldg, u.data_ptr(), ldu, y.data_ptr(), K, M, K)
         return y
 
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                  v_cache: torch.Tensor, mask: torch.Tensor, scale: float, window: int) -> torch.Tensor:
+        """`lmforge::attention` for one new token per row (`cpu/attention.c`): writes k, v into the caches' last
+        slot and attends; the caller checks `supports_attention(...)` first (this is the hot path)."""
+        B, Hq, _, D = q.shape
+        _, Hkv, L, Dv = v_cache.shape
+        out = q.new_empty((B, 1, Hq, Dv)).transpose(1, 2)  # laid out as SDPA's output is
+        ks, vs = k_cache.stride(), v_cache.stride()
+        err = self._attention(q.dtype == torch.bfloat16, q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(),
+                              k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1), k_cache.data_ptr(),
+                              ks[0], ks[1], ks[2], v_cache.data_ptr(), vs[0], vs[1], vs[2], mask.data_ptr(),
+                              mask.stride(0), scale, window, out.data_ptr(), Hq * Dv, Dv, B, Hq, Hkv, L, D, Dv,
+                              torch.get_num_threads())
+        if err:
+            raise MemoryError(f"attention_decode: no memory for the scores of {L} keys")
+        return out
+
+    def qkv_attention(self, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor, q_heads: int, kv_heads: int,
+                      head_dim: int, v_head_dim: int, scale: float, window: int) -> torch.Tensor:
+        """`lmforge::qkv_attention` for one new token per row (`cpu/attention.c`): rotary on q and k (unless cos is
+        None), k and v into the caches' last slot, attention; out (B, 1, Hq * Dv). The caller checks
+        `qkv_attention.kernel_takes(...)` first (this is the hot path)."""
+        B = qkv.shape[0]
+        L = k_cache.shape[2]
+        out = torch.empty((B, 1, q_heads * v_head_dim), dtype=qkv.dtype)
+        ks, vs = k_cache.stride(), v_cache.stride()
+        rotate = cos is not None
+        err = self._qkv_attention(qkv.dtype == torch.bfloat16, qkv.data_ptr(), qkv.stride(0),
+                                  cos.data_ptr() if rotate else None, sin.data_ptr() if rotate else None,
+                                  cos.stride(0) if rotate and cos.shape[0] > 1 else 0, k_cache.data_ptr(), ks[0], ks[1],
+                                  ks[2], v_cache.data_ptr(), vs[0], vs[1], vs[2], mask.data_ptr(), mask.stride(0), scale,
+                                  window, out.data_ptr(), B, q_heads, kv_heads, L, head_dim, v_head_dim,
+                                  torch.get_num_threads())
+        if err:
+            raise MemoryError(f"qkv_attention_decode: no memory for the scores of {L} keys") if err == -2 else \
+                ValueError(f"qkv_attention_decode: sizes it does not take ({q_heads=} {kv_heads=} {head_dim=})")
+        return out
+
     def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-        """bf16(w * x / sqrt(mean(x^2) + eps)) over the last dim, in float32; x, w bfloat16, w contiguous."""
+        """w * x / sqrt(mean(x^2) + eps) over the last dim, in float32, rounded once (norm.c); x and w both
+        bfloat16 or both float32, w contiguous."""
         K = x.shape[-1]
-        x2 = x.reshape(-1, K)
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
-        y = x.new_empty(x.shape)
-        self._norm(x2.data_ptr(), x2.stride(0), w.data_ptr(), eps, y.data_ptr(), K, x2.shape[0], K)
+        x2, ldx = _rows(x, K)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        self._norm(x.dtype == torch.bfloat16, x2.data_ptr(), ldx, w.data_ptr(), eps, y.data_ptr(), K, x.numel() // K, K)
         return y
+
+    def add_rms_norm(self, a: torch.Tensor, b: torch.Tensor, w: torch.Tensor, eps: float):
+        """(rms_norm(s, w, eps), s) with s = a + b rounded to their dtype (norm.c); a, b of one shape and, with w,
+        one dtype (bfloat16 or float32), w contiguous."""
+        K = a.shape[-1]
+        a2, lda = _rows(a, K)
+        b2, ldb = _rows(b, K)
+        y = torch.empty_like(a, memory_format=torch.contiguous_format)
+        s = torch.empty_like(a, memory_format=torch.contiguous_format)
+        self._add_norm(a.dtype == torch.bfloat16, a2.data_ptr(), lda, b2.data_ptr(), ldb, w.data_ptr(), eps,
+                       y.data_ptr(), s.data_ptr(), a.numel() // K, K)
+        return y, s
 
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """`linear(x, w, b)`; the caller checks `supports(x, w, b)` first (this is the hot path)."""
@@ -177,8 +257,8 @@ class Kernel:
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         y = x.new_empty((*x.shape[:-1], N))
-        if self._fn(x2.data_ptr(), x2.stride(0), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), N,
-                    M, N, K, torch.get_num_threads()):
+        if self._gemv[x.dtype](x2.data_ptr(), x2.stride(0), w.data_ptr(), None if b is None else b.data_ptr(),
+                               y.data_ptr(), N, M, N, K, torch.get_num_threads()):
             raise ValueError(f"gemv: {M} rows of x, the kernel takes 1..{MAX_ROWS}")
         return y
 
@@ -243,12 +323,27 @@ def supports_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                             and bias.device.type == "cpu")
 
 
+def supports_attention(q, k, v, k_cache, v_cache, mask, causal: bool) -> bool:
+    """Can `Kernel.attention` compute this call? One causal query per row; q, k, v and the caches all float32 or
+    all bfloat16 on the CPU, each with its last dim contiguous; head dims up to ATTN_MAX_HEAD_DIM; an int64
+    mask (B, L) with contiguous rows."""
+    if not causal or q.shape[2] != 1 or q.device.type != "cpu" or mask.dtype != torch.int64:
+        return False
+    dtype = q.dtype
+    if dtype not in (torch.float32, torch.bfloat16) or max(q.shape[-1], v_cache.shape[-1]) > ATTN_MAX_HEAD_DIM:
+        return False
+    tensors = (q, k, v, k_cache, v_cache)
+    return (all(t.dtype == dtype and t.stride(-1) == 1 for t in tensors) and k.shape[2] == 1
+            and mask.stride(-1) == 1 and mask.shape == (q.shape[0], k_cache.shape[2]))
+
+
 def supports(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
-    """Can the kernel compute `linear(x, w, b)`? bfloat16 CPU tensors, w (N, K) contiguous, few rows."""
-    return (x.dtype == w.dtype == torch.bfloat16 and x.device.type == "cpu" and w.device.type == "cpu"
+    """Can the kernel compute `linear(x, w, b)`? bfloat16 or float32 CPU tensors of one dtype, w (N, K)
+    contiguous, few rows."""
+    return (x.dtype == w.dtype and x.dtype in GEMV_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
             and w.dim() == 2 and w.is_contiguous() and x.shape[-1] == w.shape[1]
             and 0 < x.numel() // max(1, w.shape[1]) <= MAX_ROWS
-            and (b is None or (b.dtype == torch.bfloat16 and b.is_contiguous() and b.shape == (w.shape[0],))))
+            and (b is None or (b.dtype == x.dtype and b.is_contiguous() and b.shape == (w.shape[0],))))
 
 
 @functools.lru_cache(maxsize=None)

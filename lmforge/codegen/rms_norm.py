@@ -6,8 +6,8 @@
     y = (weight.float() * n).to(out_dtype)              cast_before_weight=False  (one rounding)
     y = weight * n.to(x.dtype), in out_dtype            cast_before_weight=True   (Hugging Face's bf16 order)
 
-The CPU runs bfloat16 rows through `cpu/gemv.c`'s `rmsnorm_bf16` (decode-sized inputs, one rounding);
-everything else, and every other device, runs the PyTorch reference below.
+The CPU runs decode-sized bfloat16 and float32 rows through `cpu/norm.c` (one rounding); everything else,
+and every other device, runs the PyTorch reference below.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _lib = torch.library.Library("lmforge", "FRAGMENT")
 _lib.define("rms_norm(Tensor x, Tensor weight, float eps, ScalarType out_dtype, bool cast_before_weight=False) "
             "-> Tensor")
 KERNEL_MAX_ROWS = 64
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def reference(x, weight, eps: float, out_dtype: torch.dtype, cast_before_weight: bool = False):
@@ -31,10 +32,17 @@ def reference(x, weight, eps: float, out_dtype: torch.dtype, cast_before_weight:
     return (weight.float() * normed).to(out_dtype)
 
 
+def kernel_takes(x, weight, out_dtype, cast_before_weight: bool) -> bool:
+    """Do `cpu/norm.c`'s rows compute this norm? Decode-sized CPU rows, x, weight and the output of one dtype
+    (bfloat16 or float32), weight first (one rounding), the weight one contiguous value per feature."""
+    return (not cast_before_weight and x.dtype == weight.dtype == out_dtype and x.dtype in _KERNEL_DTYPES
+            and weight.dim() == 1 and weight.is_contiguous() and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]
+            and x.device.type == "cpu")
+
+
 def _rms_norm_cpu(x, weight, eps, out_dtype, cast_before_weight=False):
     kernel = cpu_gemv.kernel()
-    if (kernel is not None and not cast_before_weight and x.dtype == weight.dtype == out_dtype == torch.bfloat16
-            and weight.is_contiguous() and weight.dim() == 1 and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]):
+    if kernel is not None and kernel_takes(x, weight, out_dtype, cast_before_weight):
         return kernel.rms_norm(x, weight, eps)
     return reference(x, weight, eps, out_dtype, cast_before_weight)
 

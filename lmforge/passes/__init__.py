@@ -9,6 +9,7 @@ from lmforge.passes import (  # noqa: F401  (registration)
     convert_dtype,
     cse,
     dce,
+    fuse_add_rmsnorm,
     fuse_attention,
     fuse_glu,
     fuse_rmsnorm,

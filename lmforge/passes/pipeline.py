@@ -4,7 +4,8 @@
     cleanup   remove-noops, dce                        fewer pass-through nodes for the fusions to walk
     fuse      fuse-attention                           on the float graph, before convert-dtype casts it
     lower     quantize, convert-dtype                  quantize reads the weights as captured; then the dtype
-    fuse      fuse-rmsnorm, fuse-rotary, fuse-glu      they fuse the casts lowering added
+    fuse      fuse-rmsnorm, fuse-add-rmsnorm,      they fuse the casts lowering added; the residual add
+              fuse-rotary, fuse-glu                    joins the norm that reads it
     fold      constant-fold                            tabulates per-position work up to max_seq_len
     shard     shard                                    last: every rewrite before it sees one device's graph
     cleanup   cse, dce                                 one copy of what every layer recomputes (cos/sin views and
@@ -54,7 +55,7 @@ PHASES: tuple[tuple[str, tuple[tuple[str, Options], ...]], ...] = (
     ("cleanup", (("remove-noops", ALWAYS), ("dce", ALWAYS))),
     ("fuse", (("fuse-attention", ALWAYS),)),
     ("lower", (("quantize", _quantize), ("convert-dtype", _convert))),
-    ("fuse", (("fuse-rmsnorm", ALWAYS), ("fuse-rotary", ALWAYS), ("fuse-glu", ALWAYS))),
+    ("fuse", (("fuse-rmsnorm", ALWAYS), ("fuse-add-rmsnorm", ALWAYS), ("fuse-rotary", ALWAYS), ("fuse-glu", ALWAYS))),
     ("fold", (("constant-fold", lambda c: {"max_positions": c.max_seq_len} if c.max_seq_len else {}),)),
     ("shard", (("shard", lambda c: {"tp": c.tp} if c.tp > 1 else None),)),
     ("cleanup", (("cse", ALWAYS), ("dce", ALWAYS))),

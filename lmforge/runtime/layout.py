@@ -8,8 +8,8 @@ contiguous. When the transposed layout is clearly faster, every `linear(x, W[, b
 SmolLM-135M-shaped model went from 17.7 to 21.7 tokens/s; bfloat16 was the same either way (so it keeps
 the source layout).
 
-A third choice, `gemv`, keeps the source layout and sends decode-shaped bfloat16 matmuls to lmforge's CPU
-GEMV kernel (`codegen/cpu_gemv.py`, through the `lmforge::linear` op), where it can be built; it streams
+A third choice, `gemv`, keeps the source layout and sends decode-shaped bfloat16 and float32 matmuls to
+lmforge's CPU GEMV kernels (`codegen/cpu_gemv.py`, through the `lmforge::linear` op), where it can be built; it streams
 weights at close to the machine's bandwidth. The choice is measured once per process for each dtype;
 `LMFORGE_WEIGHT_LAYOUT` set to `source`, `transposed` or `gemv` overrides it.
 
@@ -55,7 +55,7 @@ def measured_layout(dtype: torch.dtype) -> str:
     x = torch.randn(1, 576, generator=gen).to(dtype)
     times = {"source": _time(lambda: [torch.nn.functional.linear(x, w) for w in weights]),
              "transposed": _time(lambda: [x @ w for w in transposed])}
-    if dtype == torch.bfloat16 and cpu_gemv.available():
+    if dtype in cpu_gemv.GEMV_DTYPES and cpu_gemv.available():
         times["gemv"] = _time(lambda: [linear(x, w) for w in weights])
     best = min(times, key=times.get)
     return best if times[best] < 0.9 * times["source"] else "source"
@@ -82,7 +82,7 @@ def apply_layout(ir: GraphIR, layout: str) -> int:
 
 
 def use_gemv(ir: GraphIR) -> int:
-    """bfloat16 linears -> `lmforge.linear` (F.linear's contract); returns how many were rewritten.
+    """bfloat16 and float32 linears -> `lmforge.linear` (F.linear's contract); returns how many were rewritten.
 
     `aten.linear(x, W[, b])` only changes its target. GPT-2's Conv1D form, `addmm(b, x, A)` and `mm(x, A)`
     with `A = W.T` held as (in, out), gets `W` stored contiguous once (the kernel streams rows of W) and
@@ -90,14 +90,14 @@ def use_gemv(ir: GraphIR) -> int:
     """
     count = 0
     for lin in _plain_linears(ir):
-        if lin.weight.meta["spec"].dtype == torch.bfloat16:
+        if lin.weight.meta["spec"].dtype in cpu_gemv.GEMV_DTYPES:
             lin.node.target = linear
             count += 1
     untransposed: dict[str, str] = {}
     for lin in find_linears(ir.graph):
         node = lin.node
         if not (node.target in (aten.addmm.default, aten.mm.default) and lin.transposed and lin.through is None
-                and lin.weight.meta["spec"].dtype == torch.bfloat16):
+                and lin.weight.meta["spec"].dtype in cpu_gemv.GEMV_DTYPES):
             continue
         spec = lin.weight.meta["spec"]
         with ir.graph.inserting_before(node):

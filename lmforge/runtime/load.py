@@ -5,6 +5,8 @@
     weight-layout{layout=gemv}      store linear weights the way this machine multiplies fastest (`layout.py`)
     prepare-kernels{device=cpu}     each op's `OpFacts.prepare` hook: fit its inputs to its kernel (int4 widens its
                                     scales and zero points to float32 for the CPU kernel)
+    fuse-qkv-attention              the ops from the fused q/k/v projection to the attention output become one
+                                    (CPU; `fuse_qkv_attention.py`)
     bind-cpu-kernels{device=cpu}    point lmforge:: op nodes at their CPU implementations (`bind.py`)
 
 They change the loaded, in-memory graph only, never the artifact. Each is a registered pass like the
@@ -22,7 +24,7 @@ import torch
 from lmforge.ir.graph import GraphIR, op_name
 from lmforge.ir.ops import op_facts
 from lmforge.ir.pass_manager import PROPERTIES, PassManager, PassResult, register_pass
-from lmforge.runtime import bind, fuse_linears, layout  # noqa: F401  (fuse_linears registers its pass)
+from lmforge.runtime import bind, fuse_linears, fuse_qkv_attention, layout  # noqa: F401  (they register passes)
 
 LOADED = frozenset({"specs", "cache-in-place"})  # what a graph read from an artifact is known to have
 
@@ -86,7 +88,7 @@ def load_pipeline(device: torch.device, weight_layout: str) -> str:
     if weight_layout != "source":
         steps.append(f"weight-layout{{layout={weight_layout}}}")
     if device.type == "cpu":
-        steps += ["prepare-kernels", "bind-cpu-kernels"]
+        steps += ["prepare-kernels", "fuse-qkv-attention", "bind-cpu-kernels"]
     return ",".join(steps)
 
 

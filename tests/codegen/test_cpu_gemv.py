@@ -26,18 +26,21 @@ def test_variants_report_their_isa():
     assert isas["no-avx512bf16"] in ("avx512f", "avx2", "scalar")
 
 
-@pytest.mark.parametrize("M,N,K", [(1, 37, 577), (3, 64, 33), (8, 5, 7), (2, 130, 1536), (1, 1, 1)])
+@pytest.mark.parametrize("M,N,K", [(1, 37, 577), (3, 64, 33), (8, 5, 7), (2, 130, 1536), (1, 1, 1), (2, 19, 59)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_matches_float64(kernel, M, N, K, bias):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_matches_float64(kernel, M, N, K, bias, dtype):
     gen = torch.Generator().manual_seed(M * 1000 + N + K)
-    x = (torch.randn(M, K + 3, generator=gen) + 0.1).bfloat16()[:, :K]  # rows with a stride, as views come
-    w = (torch.randn(N, K, generator=gen) + 0.1).bfloat16()
-    b = torch.randn(N, generator=gen).bfloat16() if bias else None
+    x = (torch.randn(M, K + 3, generator=gen) + 0.1).to(dtype)[:, :K]  # rows with a stride, as views come
+    w = (torch.randn(N, K, generator=gen) + 0.1).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    assert cpu_gemv.supports(x, w, b)
     y = kernel(x, w, b)
     want = x.double() @ w.double().T + (b.double() if bias else 0)
-    assert y.dtype == torch.bfloat16 and y.shape == (M, N)
-    # float32 accumulation, then one rounding to bfloat16 (relative 2^-8)
-    tol = 2 ** -8 * want.abs() + 1e-5 * (x.double().abs() @ w.double().abs().T)
+    assert y.dtype == dtype and y.shape == (M, N)
+    # float32 accumulation, then (bfloat16) one rounding to bfloat16 (relative 2^-8)
+    rounding = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -23
+    tol = rounding * want.abs() + 1e-5 * (x.double().abs() @ w.double().abs().T)
     assert ((y.double() - want).abs() <= tol).all(), (y.double() - want).abs().max()
 
 
@@ -46,7 +49,8 @@ def test_batched_leading_dims_and_refusals(kernel):
     w = torch.randn(24, 40).bfloat16()
     torch.testing.assert_close(kernel(x, w).float(), torch.nn.functional.linear(x, w).float(), rtol=1e-2, atol=1e-2)
     assert not cpu_gemv.supports(torch.randn(9, 40).bfloat16(), w)  # more rows than the kernel takes
-    assert not cpu_gemv.supports(x.float(), w.float())
+    assert cpu_gemv.supports(x.float(), w.float())  # gemv_f32
+    assert not cpu_gemv.supports(x.float(), w) and not cpu_gemv.supports(x.half(), w.half())
     assert not cpu_gemv.supports(x, w.t().contiguous().t())
     with pytest.raises(ValueError, match="9 rows of x, the kernel takes 1..8"):
         kernel(torch.randn(9, 40).bfloat16(), w)

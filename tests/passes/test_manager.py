@@ -44,10 +44,11 @@ def test_pipeline_text_round_trips():
     assert format_pipeline(steps) == text
     assert format_pipeline(parse_pipeline("constant-fold{max_positions=0}")) == "constant-fold"  # defaults are not printed
     assert format_pipeline(default_pipeline("bfloat16")) == ("remove-noops,dce,fuse-attention,"
-                                                             "convert-dtype{dtype=bfloat16},fuse-rmsnorm,fuse-rotary,"
-                                                             "fuse-glu,constant-fold,cse,dce")
-    assert format_pipeline(default_pipeline(None, 64)) == ("remove-noops,dce,fuse-attention,fuse-rmsnorm,fuse-rotary,"
-                                                           "fuse-glu,constant-fold{max_positions=64},cse,dce")
+                                                             "convert-dtype{dtype=bfloat16},fuse-rmsnorm,"
+                                                             "fuse-add-rmsnorm,fuse-rotary,fuse-glu,constant-fold,cse,dce")
+    assert format_pipeline(default_pipeline(None, 64)) == ("remove-noops,dce,fuse-attention,fuse-rmsnorm,"
+                                                           "fuse-add-rmsnorm,fuse-rotary,fuse-glu,"
+                                                           "constant-fold{max_positions=64},cse,dce")
 
 
 @pytest.mark.parametrize("text, message", [

@@ -250,7 +250,8 @@ def test_unshardable_use_keeps_its_layers_replicated():
                 and ir.weight_names[n.args[1].target] == "model.layers.0.mlp.gate_proj.weight")
     down = next(n for n in graph.nodes if n.target is aten.linear.default
                 and ir.weight_names[n.args[1].target] == "model.layers.0.mlp.down_proj.weight")
-    residual = next(iter(down.users))
+    fused = next(iter(down.users))  # the residual add, joined with the next layer's norm: (normed, sum)
+    residual = next(u for u in fused.users if u.args[1] == 1)
     with graph.inserting_after(residual):
         total = graph.call_function(aten.sum.dim_IntList, (gate, [-1], True))
         total.meta["spec"] = TensorSpec((*gate.meta["spec"].shape[:-1], 1), torch.float32)

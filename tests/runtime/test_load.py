@@ -19,14 +19,14 @@ from lmforge.ir.ops import op_facts
 from lmforge.ir.pass_manager import PROPERTIES, PassManager, check_order, format_pipeline, parse_pipeline, registered_passes
 from lmforge.ir.spec import TensorSpec
 from lmforge.ir.verify import VerifyError
-from lmforge.runtime import bind, fuse_linears, layout, load
+from lmforge.runtime import bind, fuse_linears, fuse_qkv_attention, layout, load
 from lmforge.runtime.artifact import load_graph, read_manifest
 from lmforge.runtime.load import LOADED, load_pipeline, prepare
 from tests.conftest import make_model, random_ids
 from tests.ir.test_capture import run_chunks
 
 aten = torch.ops.aten
-STEPS = ["retarget", "fuse-linears", "weight-layout", "prepare-kernels", "bind-cpu-kernels"]  # the order they run in
+STEPS = ["retarget", "fuse-linears", "weight-layout", "prepare-kernels", "fuse-qkv-attention", "bind-cpu-kernels"]  # the order they run in
 CPU = torch.device("cpu")
 
 
@@ -36,9 +36,10 @@ def _graph(path):
 
 
 @pytest.mark.parametrize("device, weight_layout, pipeline", [
-    ("cpu", "source", "fuse-linears,prepare-kernels,bind-cpu-kernels"),
-    ("cpu", "transposed", "fuse-linears,weight-layout{layout=transposed},prepare-kernels,bind-cpu-kernels"),
-    ("cpu", "gemv", "fuse-linears,weight-layout{layout=gemv},prepare-kernels,bind-cpu-kernels"),
+    ("cpu", "source", "fuse-linears,prepare-kernels,fuse-qkv-attention,bind-cpu-kernels"),
+    ("cpu", "transposed", "fuse-linears,weight-layout{layout=transposed},prepare-kernels,fuse-qkv-attention,"
+                          "bind-cpu-kernels"),
+    ("cpu", "gemv", "fuse-linears,weight-layout{layout=gemv},prepare-kernels,fuse-qkv-attention,bind-cpu-kernels"),
     ("cuda:0", "source", "retarget{device=cuda:0},fuse-linears"),
     ("cuda:1", "transposed", "retarget{device=cuda:1},fuse-linears,weight-layout{layout=transposed}"),
 ])
@@ -52,7 +53,7 @@ def test_pipeline_for_device_and_layout(device, weight_layout, pipeline):
 
 def test_pipeline_steps_keep_their_order():
     """For every device and layout the steps are a subsequence of retarget, weight-layout, prepare-kernels,
-    bind-cpu-kernels, with the options they were given, and may run on a loaded graph in that order."""
+    fuse-qkv-attention, bind-cpu-kernels, with the options they were given, and may run on a loaded graph in that order."""
     for device, weight_layout in itertools.product(["cpu", "cuda", "cuda:1"], layout.LAYOUTS):
         steps = parse_pipeline(load_pipeline(torch.device(device), weight_layout))
         names = [s.name for s in steps]
@@ -72,7 +73,7 @@ def test_load_passes_are_registered():
     passes = registered_passes()
     functions = {"retarget": load.retarget, "fuse-linears": fuse_linears.fuse_linears,
                  "weight-layout": load.weight_layout, "prepare-kernels": load.prepare_kernels,
-                 "bind-cpu-kernels": load.bind_cpu_kernels}
+                 "fuse-qkv-attention": fuse_qkv_attention.fuse_qkv_attention, "bind-cpu-kernels": load.bind_cpu_kernels}
     for name in STEPS:
         info = passes[name]
         assert info.fn is functions[name]
@@ -92,11 +93,17 @@ def test_prepare_matches_hf_and_records_each_pass(arch, weight_layout, artifacts
     linears = sum(n.target is aten.linear.default for n in ir.graph.nodes)
     bindable = sum(n.op == "call_function" and getattr(op_facts(n.target), "cpu", None) is not None
                    for n in ir.graph.nodes)
+    layers = hf_model.config.num_hidden_layers
     assert prepare(ir, CPU, weight_layout) is ir
     added = ir.history[history:]
     assert [h["pass"] for h in added] == load_pipeline(CPU, weight_layout).split(",")
     stats = {h["pass"].split("{")[0]: h["stats"] for h in added}
     assert stats["prepare-kernels"] == {}  # nothing quantized
+    if arch == "gpt2":  # its q/k/v come from one Conv1D's split(.Tensor) (3 per layer, its attention included)
+        assert stats["fuse-qkv-attention"] == {"fused": 0, "unfused: q, k and v are not pieces of one fused projection": layers}
+    else:  # each layer's 2 rotaries, attention and 3 views become one op
+        assert stats["fuse-qkv-attention"] == {"fused": layers}
+        bindable -= 2 * layers
     assert stats["bind-cpu-kernels"] == {"bound": bindable} and bindable > 0
     fused = stats["fuse-linears"]
     assert fused["groups"] == (0 if arch == "gpt2" else 2 * hf_model.config.num_hidden_layers)  # q/k/v, gate/up
@@ -179,7 +186,7 @@ def test_a_failing_load_pass_is_named(name, module, function, artifacts, monkeyp
 
     monkeypatch.setattr(module, function, fail)
     before = {"weight-layout": " (after fuse-linears)", "prepare-kernels": " (after fuse-linears, weight-layout)",
-              "bind-cpu-kernels": " (after fuse-linears, weight-layout, prepare-kernels)"}[name]
+              "bind-cpu-kernels": " (after fuse-linears, weight-layout, prepare-kernels, fuse-qkv-attention)"}[name]
     with pytest.raises(PassError, match="^" + re.escape(f"pass '{name}' failed{before}: out of luck") + "$"):
         prepare(ir, CPU, "transposed")
 

@@ -9,8 +9,8 @@
  * blocks of weight rows, so every thread streams memory sequentially. Products accumulate in float32:
  * with AVX512-BF16 through vdpbf16ps (32 products per instruction), else bfloat16 is widened to float32
  * (AVX-512F, then AVX2/FMA, then plain C). The result is rounded to bfloat16 to nearest even.
- * The file also holds the elementwise work a decode step runs between its GEMVs: RMSNorm (`rmsnorm_bf16`),
- * the rotary embedding (`rotary_bf16`) and the gated-MLP activation (`glu_silu_bf16`, `glu_gelu_tanh_bf16`).
+ * The file also holds the elementwise work a decode step runs between its GEMVs: the rotary embedding
+ * (`rotary_bf16`) and the gated-MLP activation (`glu_silu_bf16`, `glu_gelu_tanh_bf16`); norms are in norm.c.
  */
 #include <stdint.h>
 #include <math.h>
@@ -111,34 +111,6 @@ int gemv_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, const uint16_t 
         dot_rows(x, ldx, w + n * K, K, (int)M, acc);
         float bias = b ? bf16_to_f32(b[n]) : 0.0f;
         for (int64_t m = 0; m < M; m++) y[m * ldy + n] = f32_to_bf16(acc[m] + bias);
-    }
-    return 0;
-}
-
-/* RMSNorm of a few bfloat16 rows, in float32, rounded once:
- *   y[m, k] = bf16(w[k] * x[m, k] / sqrt(mean_k(x[m, :]^2) + eps))      x (M, K) row stride ldx, w (K,), y (M, K)
- * Returns 0. */
-int rmsnorm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *w, float eps, uint16_t *y, int64_t ldy, int64_t M,
-                 int64_t K) {
-    for (int64_t m = 0; m < M; m++) {
-        const uint16_t *row = x + m * ldx;
-        float ss = 0.0f;
-        int64_t k = 0;
-#if defined(__AVX512F__)
-        __m512 acc = _mm512_setzero_ps();
-        for (; k + 16 <= K; k += 16) {
-            __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + k))), 16));
-            acc = _mm512_fmadd_ps(v, v, acc);
-        }
-        ss = _mm512_reduce_add_ps(acc);
-#endif
-        for (; k < K; k++) {
-            float v = bf16_to_f32(row[k]);
-            ss += v * v;
-        }
-        float r = 1.0f / sqrtf(ss / (float)K + eps);
-        for (k = 0; k < K; k++) y[m * ldy + k] = f32_to_bf16(bf16_to_f32(w[k]) * (bf16_to_f32(row[k]) * r));
     }
     return 0;
 }
