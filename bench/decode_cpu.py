@@ -16,7 +16,9 @@ machine conditions:
     vs HF fp32    = tokens/s over HF eager's float32 tokens/s (issue 5's target: int4 at 3x or more)
 
 The bandwidth share counts the prefill time as decode time, so it slightly understates the decode
-loop's own share. The "match" column counts the positions among the N generated tokens where lmforge
+loop's own share. For each lmforge engine, "step ms" is one decode step at the mean context, split into
+matmuls, attention and everything else in the proportions a node-by-node timing gives
+(`lmforge.runtime.measure.step_split`). The "match" column counts the positions among the N generated tokens where lmforge
 picked the same token as transformers in the same dtype (float32 should match all N).
 
 Run (from the repository root):
@@ -46,7 +48,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import lmforge
 from lmforge.codegen import cpu_gemv
-from lmforge.runtime.measure import memory_bandwidth
+from lmforge.runtime.measure import memory_bandwidth, step_split
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -65,6 +67,7 @@ class Row:
     bandwidth_share: float  # achieved bytes/s over measured read bandwidth, 0..1
     matching_tokens: int | None  # of the N generated tokens, how many equal HF's
     ratio_vs_hf_fp32: float | None = None  # tokens/s over HF eager float32's
+    split_ms: tuple[float, float, float, float] | None = None  # lmforge: one decode step, matmuls, attention, rest
 
 
 def build_model() -> LlamaForCausalLM:
@@ -124,6 +127,7 @@ def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_toke
         lambda: eng.generate(ids, max_new_tokens=new_tokens, do_sample=False),
     ], repeats)
     kv_bytes = eng.ir.kv.bytes_per_token() * (prompt_len + new_tokens / 2)
+    split = step_split(eng, prompt_len + new_tokens // 2)
     del eng, hf
 
     step_bytes = step_weights + kv_bytes
@@ -137,7 +141,8 @@ def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_toke
         Row(dtype, "HF eager", hf_tps, None, hf_step_bytes * hf_tps / bandwidth, None),
         Row(dtype, "lmforge" + (f" {quant}" + (f" g{group_size}" if quant == "int4" and group_size else "") if quant else ""),
             lm_tps, lm_tps / hf_tps,
-            step_bytes * lm_tps / bandwidth, matching),
+            step_bytes * lm_tps / bandwidth, matching,
+            split_ms=tuple(1e3 * t for t in (split.step_s, split.matmul_s, split.attention_s, split.other_s))),
     ]
 
 
@@ -149,12 +154,15 @@ def engine_weight_bytes(eng) -> int:
 
 def format_table(rows: list[Row], new_tokens: int) -> str:
     """The rows as an aligned plain-text table."""
-    head = ("dtype", "engine", "tokens/s", "lmforge/HF", "vs HF fp32", "bandwidth %", "match HF")
+    head = ("dtype", "engine", "tokens/s", "lmforge/HF", "vs HF fp32", "bandwidth %", "match HF",
+            "step ms", "matmul / attention / other ms")
     body = [(r.dtype, r.engine, f"{r.tokens_per_s:.1f}",
              "-" if r.ratio_vs_hf is None else f"{r.ratio_vs_hf:.2f}x",
              "-" if r.ratio_vs_hf_fp32 is None else f"{r.ratio_vs_hf_fp32:.2f}x",
              f"{100 * r.bandwidth_share:.1f}",
-             "-" if r.matching_tokens is None else f"{r.matching_tokens}/{new_tokens}") for r in rows]
+             "-" if r.matching_tokens is None else f"{r.matching_tokens}/{new_tokens}",
+             "-" if r.split_ms is None else f"{r.split_ms[0]:.2f}",
+             "-" if r.split_ms is None else " / ".join(f"{t:.2f}" for t in r.split_ms[1:])) for r in rows]
     widths = [max(len(line[i]) for line in (head, *body)) for i in range(len(head))]
     left = {0, 1}  # text columns left-aligned, numbers right-aligned
 

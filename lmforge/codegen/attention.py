@@ -94,7 +94,7 @@ def _append(k, v, k_cache, v_cache) -> None:
 
 
 def attention_impl(q, k, v, k_cache, v_cache, attention_mask, scale: float, causal: bool = True, window: int = 0):
-    if q.device.type == "cpu" and not use_triton(q):
+    if q.is_cpu and not use_triton(q):
         kernel = cpu_gemv.kernel()
         if kernel is not None and cpu_gemv.supports_attention(q, k, v, k_cache, v_cache, attention_mask, causal):
             return kernel.attention(q, k, v, k_cache, v_cache, attention_mask, scale, window)

@@ -203,7 +203,8 @@ class Kernel:
                               mask.stride(0), scale, window, out.data_ptr(), Hq * Dv, Dv, B, Hq, Hkv, L, D, Dv,
                               torch.get_num_threads())
         if err:
-            raise MemoryError(f"attention_decode: no memory for the scores of {L} keys")
+            raise MemoryError(f"attention_decode: no memory for the scores of {L} keys") if err == -2 else \
+                ValueError(f"attention_decode: sizes it does not take ({Hq=} {Hkv=} {D=} {Dv=})")
         return out
 
     def qkv_attention(self, qkv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
@@ -252,12 +253,10 @@ class Kernel:
     def __call__(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         """`linear(x, w, b)`; the caller checks `supports(x, w, b)` first (this is the hot path)."""
         N, K = w.shape
-        x2 = x.reshape(-1, K)
-        M = x2.shape[0]
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2, ldx = _rows(x, K)
+        M = x.numel() // K
         y = x.new_empty((*x.shape[:-1], N))
-        if self._gemv[x.dtype](x2.data_ptr(), x2.stride(0), w.data_ptr(), None if b is None else b.data_ptr(),
+        if self._gemv[x.dtype](x2.data_ptr(), ldx, w.data_ptr(), None if b is None else b.data_ptr(),
                                y.data_ptr(), N, M, N, K, torch.get_num_threads()):
             raise ValueError(f"gemv: {M} rows of x, the kernel takes 1..{MAX_ROWS}")
         return y
@@ -312,35 +311,39 @@ def supports_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             and group_size in INT4_GROUP_SIZES and qweight.is_contiguous() and scales is not None):
         return False
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    if x.shape[-1] != K or K == 0 or K % group_size != 0 or x.device.type != "cpu" or qweight.device.type != "cpu":
+    if x.shape[-1] != K or K == 0 or K % group_size != 0 or not x.is_cpu or not qweight.is_cpu:
         return False
     groups = (N, K // group_size)
     for t in (scales, zeros):
         if t is not None and not (t.dtype == torch.float32 and t.shape == groups and t.is_contiguous()
-                                  and t.device.type == "cpu"):
+                                  and t.is_cpu):
             return False
     return bias is None or (bias.dtype == x.dtype and bias.shape == (N,) and bias.is_contiguous()
-                            and bias.device.type == "cpu")
+                            and bias.is_cpu)
 
 
 def supports_attention(q, k, v, k_cache, v_cache, mask, causal: bool) -> bool:
     """Can `Kernel.attention` compute this call? One causal query per row; q, k, v and the caches all float32 or
     all bfloat16 on the CPU, each with its last dim contiguous; head dims up to ATTN_MAX_HEAD_DIM; an int64
     mask (B, L) with contiguous rows."""
-    if not causal or q.shape[2] != 1 or q.device.type != "cpu" or mask.dtype != torch.int64:
+    if not causal or q.shape[2] != 1 or not q.is_cpu or mask.dtype != torch.int64:
         return False
     dtype = q.dtype
     if dtype not in (torch.float32, torch.bfloat16) or max(q.shape[-1], v_cache.shape[-1]) > ATTN_MAX_HEAD_DIM:
         return False
     tensors = (q, k, v, k_cache, v_cache)
-    return (all(t.dtype == dtype and t.stride(-1) == 1 for t in tensors) and k.shape[2] == 1
-            and mask.stride(-1) == 1 and mask.shape == (q.shape[0], k_cache.shape[2]))
+    B, Hq, _, D = q.shape
+    Hkv = k_cache.shape[1]
+    return (all(t.dtype == dtype and t.stride(-1) == 1 for t in tensors) and Hkv > 0 and Hq % Hkv == 0
+            and k.shape == (B, Hkv, 1, D) and k_cache.shape[0] == B and k_cache.shape[-1] == D
+            and v.shape == (B, Hkv, 1, v_cache.shape[-1])
+            and v_cache.shape[:3] == k_cache.shape[:3] and mask.stride(-1) == 1 and mask.shape == (B, k_cache.shape[2]))
 
 
 def supports(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
     """Can the kernel compute `linear(x, w, b)`? bfloat16 or float32 CPU tensors of one dtype, w (N, K)
     contiguous, few rows."""
-    return (x.dtype == w.dtype and x.dtype in GEMV_DTYPES and x.device.type == "cpu" and w.device.type == "cpu"
+    return (x.dtype == w.dtype and x.dtype in GEMV_DTYPES and x.is_cpu and w.is_cpu
             and w.dim() == 2 and w.is_contiguous() and x.shape[-1] == w.shape[1]
             and 0 < x.numel() // max(1, w.shape[1]) <= MAX_ROWS
             and (b is None or (b.dtype == x.dtype and b.is_contiguous() and b.shape == (w.shape[0],))))

@@ -58,13 +58,18 @@ def reference(qkv, cos, sin, k_cache, v_cache, attention_mask, q_heads: int, kv_
                     v_head_dim, scale, causal, window)
 
 
-def kernel_takes(qkv, cos, sin, k_cache, v_cache, mask, causal: bool) -> bool:
+def kernel_takes(qkv, cos, sin, k_cache, v_cache, mask, causal: bool, q_heads: int, kv_heads: int, head_dim: int,
+                 v_head_dim: int) -> bool:
     """Does `Kernel.qkv_attention` compute this call? One new causal token per row; qkv, cos/sin and the caches
-    all float32 or all bfloat16 on the CPU with their last dims contiguous; cos/sin (B or 1, 1, 1, D) of one
-    layout; an int64 (B, L) mask with contiguous rows."""
-    B, S, _ = qkv.shape
+    all float32 or all bfloat16 on the CPU with their last dims contiguous and sizes that agree with the head
+    counts; cos/sin (B or 1, 1, 1, D) of one layout; an int64 (B, L) mask with contiguous rows."""
+    B, S, N = qkv.shape
     dtype = qkv.dtype
-    if not causal or S != 1 or qkv.device.type != "cpu" or mask.dtype != torch.int64 or qkv.stride(-1) != 1:
+    if not causal or S != 1 or not qkv.is_cpu or mask.dtype != torch.int64 or qkv.stride(-1) != 1:
+        return False
+    if (N != q_heads * head_dim + kv_heads * (head_dim + v_head_dim) or kv_heads <= 0 or q_heads % kv_heads
+            or k_cache.shape[:2] != (B, kv_heads) or v_cache.shape[:3] != k_cache.shape[:3]
+            or k_cache.shape[-1] != head_dim or v_cache.shape[-1] != v_head_dim):
         return False
     if dtype not in (torch.float32, torch.bfloat16) or k_cache.dtype != dtype or v_cache.dtype != dtype:
         return False
@@ -82,7 +87,8 @@ def kernel_takes(qkv, cos, sin, k_cache, v_cache, mask, causal: bool) -> bool:
 def _qkv_attention_cpu(qkv, cos, sin, k_cache, v_cache, attention_mask, q_heads, kv_heads, head_dim, v_head_dim,
                        scale, causal=True, window=0):
     kernel = cpu_gemv.kernel()
-    if kernel is not None and kernel_takes(qkv, cos, sin, k_cache, v_cache, attention_mask, causal):
+    if kernel is not None and kernel_takes(qkv, cos, sin, k_cache, v_cache, attention_mask, causal, q_heads, kv_heads,
+                                           head_dim, v_head_dim):
         return kernel.qkv_attention(qkv, cos, sin, k_cache, v_cache, attention_mask, q_heads, kv_heads, head_dim,
                                     v_head_dim, scale, window)
     return _unfused(_rotary_cpu, qkv, cos, sin, k_cache, v_cache, attention_mask, q_heads, kv_heads, head_dim,

@@ -37,7 +37,7 @@ def kernel_takes(x, weight, out_dtype, cast_before_weight: bool) -> bool:
     (bfloat16 or float32), weight first (one rounding), the weight one contiguous value per feature."""
     return (not cast_before_weight and x.dtype == weight.dtype == out_dtype and x.dtype in _KERNEL_DTYPES
             and weight.dim() == 1 and weight.is_contiguous() and x.numel() <= KERNEL_MAX_ROWS * x.shape[-1]
-            and x.device.type == "cpu")
+            and x.is_cpu)
 
 
 def _rms_norm_cpu(x, weight, eps, out_dtype, cast_before_weight=False):

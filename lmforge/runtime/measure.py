@@ -119,3 +119,57 @@ def bench_engine(eng, batch: int = 1, prompt_len: int = 32, new_tokens: int = 64
         bandwidth_gb_s=bandwidth / 1e9 if bandwidth else None,
         peak_tflops=peak / 1e12 if peak else None,
     )
+
+
+@dataclass
+class StepSplit:
+    """Where one decode step's time goes: `step_s` is the step run plainly; the three parts divide it in the
+    proportions an `fx.Interpreter` run timed the nodes in (the interpreter adds a few microseconds a node,
+    so the share of "other", the many small ops, is an upper bound)."""
+
+    step_s: float
+    matmul_s: float  # linear layers of every form (float, int4, fp8)
+    attention_s: float  # the ops that write the KV cache and attend (lmforge.attention, lmforge.qkv_attention)
+    other_s: float  # everything else: norms, rotary, activations, residual adds, views, splits
+
+
+def step_split(eng, context: int = 64, repeats: int = 10) -> StepSplit:
+    """Time one decode step of batch 1 at `context` tokens of cache (random ids), plainly and node by node."""
+    from torch import fx
+
+    from lmforge.ir.linear import as_linear
+    from lmforge.ir.ops import op_facts
+    from lmforge.runtime.kv_cache import KVCache
+
+    device = eng.device
+    context = max(1, min(context, eng.max_seq_len - 1))
+    cache = KVCache(eng.ir.kv, 1, eng.max_seq_len, device)
+    mask = torch.ones(1, context + 1, dtype=torch.long, device=device)
+    args = (torch.zeros(1, 1, dtype=torch.long, device=device), torch.full((1, 1), context, device=device), mask,
+            *cache.views(context + 1))
+    kinds = {}
+    for node in eng.ir.graph.nodes:
+        facts = op_facts(node.target) if node.op == "call_function" else None
+        kinds[node] = ("matmul" if as_linear(node) is not None else
+                       "attention" if facts is not None and facts.cache_writer else "other")
+    spent = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+
+    class Timed(fx.Interpreter):
+        def run_node(self, node):
+            _sync(device)
+            start = time.perf_counter()
+            out = super().run_node(node)
+            _sync(device)
+            spent[kinds[node]] += time.perf_counter() - start
+            return out
+
+    with torch.inference_mode():
+        step = _best(lambda: eng.ir.gm(*args), device, repeats)
+        best_total, best = float("inf"), dict(spent)
+        for _ in range(max(1, repeats // 2)):
+            spent.update(matmul=0.0, attention=0.0, other=0.0)
+            Timed(eng.ir.gm).run(*args)
+            if sum(spent.values()) < best_total:
+                best_total, best = sum(spent.values()), dict(spent)
+    share = {k: v / best_total for k, v in best.items()}
+    return StepSplit(step, step * share["matmul"], step * share["attention"], step * share["other"])

@@ -114,3 +114,6 @@ def test_what_the_kernel_refuses():
     assert not ok(q.bfloat16(), k, v, kc, vc, mask, True)  # mixed dtypes
     assert not ok(q, k, v, kc, vc, mask.int(), True)
     assert not ok(torch.cat([q, q], 2), torch.cat([k, k], 2), v, kc, vc, mask, True)  # prefill
+    assert not ok(q[:, :5], k, v, kc, vc, mask, True)  # query heads not a multiple of the kv heads
+    assert not ok(q, k, v, kc[:1], vc[:1], mask, True)  # caches of another batch
+    assert not ok(q, k[..., :-1], v, kc, vc, mask, True)

@@ -35,7 +35,7 @@ def run_both(qkv, cos, sin, k_buf, v_buf, mask, heads, scale=0.3, window=0):
         kb, vb = k_buf.clone(), v_buf.clone()
         kc, vc = kb[:, :, :L], vb[:, :, :L]
         if fn == "kernel":
-            assert kernel_takes(qkv, cos, sin, kc, vc, mask, True)
+            assert kernel_takes(qkv, cos, sin, kc, vc, mask, True, *heads)
             out = cpu_gemv.kernel().qkv_attention(qkv, cos, sin, kc, vc, mask, *heads, scale, window)
         else:
             out = reference(qkv, cos, sin, kc, vc, mask, *heads, scale, True, window)
@@ -96,9 +96,14 @@ def test_the_op_prefills_through_the_ops_and_decodes_through_the_kernel():
 def test_what_the_kernel_refuses():
     qkv, cos, sin, k_buf, v_buf, mask, heads = case()
     kc, vc = k_buf[:, :, :29], v_buf[:, :, :29]
-    assert kernel_takes(qkv, cos, sin, kc, vc, mask, True)
-    assert not kernel_takes(qkv, cos, sin, kc, vc, mask, False)
-    assert not kernel_takes(torch.cat([qkv, qkv], 1), cos, sin, kc, vc, mask, True)  # two new tokens
-    assert not kernel_takes(qkv.bfloat16(), cos, sin, kc, vc, mask, True)
-    assert not kernel_takes(qkv, cos, None, kc, vc, mask, True)
-    assert not kernel_takes(qkv, cos.expand(1, 1, 2, 16), sin.expand(1, 1, 2, 16), kc, vc, mask, True)
+    ok = kernel_takes
+    assert ok(qkv, cos, sin, kc, vc, mask, True, *heads)
+    assert not ok(qkv, cos, sin, kc, vc, mask, False, *heads)
+    assert not ok(torch.cat([qkv, qkv], 1), cos, sin, kc, vc, mask, True, *heads)  # two new tokens
+    assert not ok(qkv.bfloat16(), cos, sin, kc, vc, mask, True, *heads)
+    assert not ok(qkv, cos, None, kc, vc, mask, True, *heads)
+    assert not ok(qkv, cos.expand(1, 1, 2, 16), sin.expand(1, 1, 2, 16), kc, vc, mask, True, *heads)
+    Hq, Hkv, D, Dv = heads
+    assert not ok(qkv, cos, sin, kc, vc, mask, True, Hq + 1, Hkv, D, Dv)  # sizes that do not add up
+    assert not ok(qkv[..., :-1], cos, sin, kc, vc, mask, True, *heads)
+    assert not ok(qkv, cos, sin, kc[:1], vc[:1], mask, True, *heads)  # caches of another batch

@@ -40,6 +40,30 @@ const char *gemv_isa(void) {
 /* acc[m] = sum_k x[m, k] * w_row[k] for m < M */
 static inline void dot_rows(const uint16_t *x, int64_t ldx, const uint16_t *w_row, int64_t K, int M, float *acc) {
 #if defined(__AVX512BF16__)
+    if (M == 1) {  /* one row of x: four chains over alternate chunks, so the products' latency overlaps */
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+        int64_t k = 0;
+        for (; k + 128 <= K; k += 128) {
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w_row + k)),
+                                  (__m512bh)_mm512_loadu_si512((const void *)(x + k)));
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512((const void *)(w_row + k + 32)),
+                                  (__m512bh)_mm512_loadu_si512((const void *)(x + k + 32)));
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512((const void *)(w_row + k + 64)),
+                                  (__m512bh)_mm512_loadu_si512((const void *)(x + k + 64)));
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512((const void *)(w_row + k + 96)),
+                                  (__m512bh)_mm512_loadu_si512((const void *)(x + k + 96)));
+        }
+        for (; k + 32 <= K; k += 32)
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512((const void *)(w_row + k)),
+                                  (__m512bh)_mm512_loadu_si512((const void *)(x + k)));
+        if (k < K) {
+            __mmask32 tail = (__mmask32)((1ull << (K - k)) - 1);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(tail, w_row + k),
+                                  (__m512bh)_mm512_maskz_loadu_epi16(tail, x + k));
+        }
+        acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+        return;
+    }
     __m512 a[GEMV_MAX_ROWS];
     for (int m = 0; m < M; m++) a[m] = _mm512_setzero_ps();
     int64_t k = 0;

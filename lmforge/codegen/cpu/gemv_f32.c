@@ -3,8 +3,8 @@
  *   x (M, K) row stride ldx, M <= GEMV_F32_MAX_ROWS;  w (N, K) contiguous;  b (N,) or NULL;  y (M, N) row stride ldy
  *
  * As gemv_bf16 in gemv.c: each weight row is read once for all M rows of x, threads (OpenMP, torch's
- * runtime) take contiguous blocks of weight rows. Two accumulators per row of x keep two FMA chains in flight,
- * which is what one core needs to stream float32 weights at memory speed.
+ * runtime) take contiguous blocks of weight rows. Several accumulators per row of x (four for one row, two
+ * each for more) keep FMA chains in flight, which is what one core needs to stream weights at memory speed.
  */
 #include <stdint.h>
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -17,6 +17,22 @@ static inline void dot_rows_f32(const float *x, int64_t ldx, const float *w_row,
     int64_t k = 0;
     for (int m = 0; m < M; m++) acc[m] = 0.0f;
 #if defined(__AVX512F__)
+    if (M == 1) {  /* one row of x: four chains, so the FMAs' latency overlaps */
+        __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
+        for (; k + 64 <= K; k += 64) {
+            s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w_row + k), _mm512_loadu_ps(x + k), s0);
+            s1 = _mm512_fmadd_ps(_mm512_loadu_ps(w_row + k + 16), _mm512_loadu_ps(x + k + 16), s1);
+            s2 = _mm512_fmadd_ps(_mm512_loadu_ps(w_row + k + 32), _mm512_loadu_ps(x + k + 32), s2);
+            s3 = _mm512_fmadd_ps(_mm512_loadu_ps(w_row + k + 48), _mm512_loadu_ps(x + k + 48), s3);
+        }
+        for (; k + 16 <= K; k += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(w_row + k), _mm512_loadu_ps(x + k), s0);
+        if (k < K) {
+            __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
+            s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w_row + k), _mm512_maskz_loadu_ps(tail, x + k), s1);
+        }
+        acc[0] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+        return;
+    }
     __m512 a0[GEMV_F32_MAX_ROWS], a1[GEMV_F32_MAX_ROWS];
     for (int m = 0; m < M; m++) a0[m] = a1[m] = _mm512_setzero_ps();
     for (; k + 32 <= K; k += 32) {
