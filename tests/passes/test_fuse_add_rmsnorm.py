@@ -14,13 +14,10 @@ from lmforge.passes import PassManager
 from tests.conftest import make_model, random_ids
 from tests.ir.test_capture import assert_matches_hf
 from tests.ir.test_capture_archs import build_family
+from tests.passes.test_fuse_rmsnorm import count
 
 aten = torch.ops.aten
 NORM = torch.ops.lmforge.rms_norm.default
-
-
-def count(ir, target) -> int:
-    return sum(1 for n in ir.graph.nodes if n.target is target)
 
 
 def stats(ir) -> dict:

@@ -18,10 +18,6 @@
 #include <stdlib.h>
 #include <math.h>
 #include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "bf16.h"
 
 #define ATTN_STACK_SCORES 4096  /* keys whose scores fit on the stack; longer caches allocate */
@@ -38,10 +34,6 @@ static inline void load_row(float *dst, const void *src, int64_t n, int bf16) {
     for (int64_t i = 0; i < n; i++) dst[i] = bf16_to_f32(s[i]);
 }
 
-static inline float load_elem(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
 static inline float bf16_round(float v) { return bf16_to_f32(f32_to_bf16(v)); }
 
 static inline void copy_row(void *dst, const void *src, int64_t n, int bf16) {
@@ -55,14 +47,11 @@ static inline float dot(const float *q, const void *key, int64_t n, int bf16) {
 #if defined(__AVX512F__)
     __m512 acc = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-        __m512 kv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)key + i))), 16))
-                         : _mm512_loadu_ps((const float *)key + i);
-        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), kv, acc);
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + i), elem_load16(key, i, bf16), acc);
     }
     sum = _mm512_reduce_add_ps(acc);
 #endif
-    for (; i < n; i++) sum += q[i] * (bf16 ? bf16_to_f32(((const uint16_t *)key)[i]) : ((const float *)key)[i]);
+    for (; i < n; i++) sum += q[i] * elem_load(key, i, bf16);
     return sum;
 }
 
@@ -72,13 +61,10 @@ static inline void axpy(float *acc, float p, const void *value, int64_t n, int b
 #if defined(__AVX512F__)
     __m512 pv = _mm512_set1_ps(p);
     for (; i + 16 <= n; i += 16) {
-        __m512 vv = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                               _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)value + i))), 16))
-                         : _mm512_loadu_ps((const float *)value + i);
-        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, vv, _mm512_loadu_ps(acc + i)));
+        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, elem_load16(value, i, bf16), _mm512_loadu_ps(acc + i)));
     }
 #endif
-    for (; i < n; i++) acc[i] += p * (bf16 ? bf16_to_f32(((const uint16_t *)value)[i]) : ((const float *)value)[i]);
+    for (; i < n; i++) acc[i] += p * elem_load(value, i, bf16);
 }
 
 static inline void store_row(void *dst, const float *src, int64_t n, int bf16) {
@@ -120,18 +106,21 @@ static void attend_head(int bf16, const float *qf, const char *kb, int64_t kcs, 
 static void rotate_head(float *dst, const void *x, const void *cs, const void *sn, int64_t D, int bf16) {
     const int64_t half = D / 2;
     for (int64_t i = 0; i < D; i++) {
-        float xi = load_elem(x, i, bf16), c = load_elem(cs, i, bf16), s = load_elem(sn, i, bf16);
-        float r = i < half ? -load_elem(x, i + half, bf16) : load_elem(x, i - half, bf16);
+        float xi = elem_load(x, i, bf16), c = elem_load(cs, i, bf16), s = elem_load(sn, i, bf16);
+        float r = i < half ? -elem_load(x, i + half, bf16) : elem_load(x, i - half, bf16);
         dst[i] = bf16 ? bf16_round(bf16_round(xi * c) + bf16_round(r * s)) : xi * c + r * s;
     }
 }
 
-int attention_decode(int bf16, const void *q, int64_t qsb, int64_t qsh, const void *k, int64_t ksb, int64_t ksh,
-                     const void *v, int64_t vsb, int64_t vsh, void *kc, int64_t kcb, int64_t kch, int64_t kcs,
-                     void *vc, int64_t vcb, int64_t vch, int64_t vcs, const int64_t *mask, int64_t msb, float scale,
-                     int64_t window, void *out, int64_t osb, int64_t osh, int64_t B, int64_t Hq, int64_t Hkv,
-                     int64_t L, int64_t D, int64_t Dv, int threads) {
-    if (D > ATTN_MAX_HEAD_DIM || Dv > ATTN_MAX_HEAD_DIM || Hkv <= 0 || Hq % Hkv != 0 || L <= 0) return -1;
+/* Both entry points: q, k, v heads at the given strides (elements); with cs/sn (batch stride csb, 0: one row for
+ * all), q and k are rotated first. Returns 0, -1 on sizes it does not take, -2 when out of memory. */
+static int decode(int bf16, const void *q, int64_t qsb, int64_t qsh, const void *k, int64_t ksb, int64_t ksh,
+                  const void *v, int64_t vsb, int64_t vsh, const void *cs, const void *sn, int64_t csb, void *kc,
+                  int64_t kcb, int64_t kch, int64_t kcs, void *vc, int64_t vcb, int64_t vch, int64_t vcs,
+                  const int64_t *mask, int64_t msb, float scale, int64_t window, void *out, int64_t osb, int64_t osh,
+                  int64_t B, int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int64_t Dv, int threads) {
+    if (D > ATTN_MAX_HEAD_DIM || Dv > ATTN_MAX_HEAD_DIM || Hkv <= 0 || Hq % Hkv != 0 || L <= 0 || (cs && D % 2))
+        return -1;
     const int64_t G = Hq / Hkv, es = bf16 ? 2 : 4;
     const int64_t lo = (window > 0 && window < L) ? L - window : 0;
     const int64_t tasks = B * Hkv;
@@ -140,8 +129,16 @@ int attention_decode(int bf16, const void *q, int64_t qsb, int64_t qsh, const vo
 #pragma omp parallel for num_threads(threads) if (parallel) schedule(static)
     for (int64_t t = 0; t < tasks; t++) {
         const int64_t b = t / Hkv, h = t % Hkv;
+        const char *c = cs ? (const char *)cs + b * csb * es : NULL, *s = sn ? (const char *)sn + b * csb * es : NULL;
         char *kb = (char *)kc + (b * kcb + h * kch) * es, *vb = (char *)vc + (b * vcb + h * vch) * es;
-        copy_row(kb + (L - 1) * kcs * es, (const char *)k + (b * ksb + h * ksh) * es, D, bf16);
+        float qf[ATTN_MAX_HEAD_DIM], acc[ATTN_MAX_HEAD_DIM];
+        const char *k_new = (const char *)k + (b * ksb + h * ksh) * es;
+        if (c) {  /* the rotated key, rounded to the cache's dtype, into slot L - 1 */
+            rotate_head(qf, k_new, c, s, D, bf16);
+            store_row(kb + (L - 1) * kcs * es, qf, D, bf16);
+        } else {
+            copy_row(kb + (L - 1) * kcs * es, k_new, D, bf16);
+        }
         copy_row(vb + (L - 1) * vcs * es, (const char *)v + (b * vsb + h * vsh) * es, Dv, bf16);
         const int64_t *visible = mask + b * msb;
         float stack_scores[ATTN_STACK_SCORES];
@@ -150,16 +147,28 @@ int attention_decode(int bf16, const void *q, int64_t qsb, int64_t qsh, const vo
             failed = 1;
             continue;
         }
-        float qf[ATTN_MAX_HEAD_DIM], acc[ATTN_MAX_HEAD_DIM];
         for (int64_t g = 0; g < G; g++) {
             const int64_t head = h * G + g;
-            load_row(qf, (const char *)q + (b * qsb + head * qsh) * es, D, bf16);
+            const char *q_head = (const char *)q + (b * qsb + head * qsh) * es;
+            if (c)
+                rotate_head(qf, q_head, c, s, D, bf16);
+            else
+                load_row(qf, q_head, D, bf16);
             attend_head(bf16, qf, kb, kcs, vb, vcs, visible, lo, L, D, Dv, scale, scores, acc);
             store_row((char *)out + (b * osb + head * osh) * es, acc, Dv, bf16);
         }
         if (scores != stack_scores) free(scores);
     }
     return failed ? -2 : 0;
+}
+
+int attention_decode(int bf16, const void *q, int64_t qsb, int64_t qsh, const void *k, int64_t ksb, int64_t ksh,
+                     const void *v, int64_t vsb, int64_t vsh, void *kc, int64_t kcb, int64_t kch, int64_t kcs,
+                     void *vc, int64_t vcb, int64_t vch, int64_t vcs, const int64_t *mask, int64_t msb, float scale,
+                     int64_t window, void *out, int64_t osb, int64_t osh, int64_t B, int64_t Hq, int64_t Hkv,
+                     int64_t L, int64_t D, int64_t Dv, int threads) {
+    return decode(bf16, q, qsb, qsh, k, ksb, ksh, v, vsb, vsh, NULL, NULL, 0, kc, kcb, kch, kcs, vc, vcb, vch, vcs,
+                  mask, msb, scale, window, out, osb, osh, B, Hq, Hkv, L, D, Dv, threads);
 }
 
 /* The same for a fused q/k/v projection's output, with the rotary embedding of q and k done here:
@@ -171,45 +180,8 @@ int qkv_attention_decode(int bf16, const void *qkv, int64_t qsb, const void *cs,
                          int64_t kcb, int64_t kch, int64_t kcs, void *vc, int64_t vcb, int64_t vch, int64_t vcs,
                          const int64_t *mask, int64_t msb, float scale, int64_t window, void *out, int64_t B,
                          int64_t Hq, int64_t Hkv, int64_t L, int64_t D, int64_t Dv, int threads) {
-    if (D > ATTN_MAX_HEAD_DIM || Dv > ATTN_MAX_HEAD_DIM || Hkv <= 0 || Hq % Hkv != 0 || L <= 0 || (cs && D % 2))
-        return -1;
-    const int64_t G = Hq / Hkv, es = bf16 ? 2 : 4;
-    const int64_t lo = (window > 0 && window < L) ? L - window : 0;
-    const int64_t tasks = B * Hkv;
-    const int parallel = threads > 1 && tasks > 1 && B * Hq * (L - lo) * (D + Dv) >= ATTN_PARALLEL_WORK;
-    int failed = 0;
-#pragma omp parallel for num_threads(threads) if (parallel) schedule(static)
-    for (int64_t t = 0; t < tasks; t++) {
-        const int64_t b = t / Hkv, h = t % Hkv;
-        const char *row = (const char *)qkv + b * qsb * es;
-        const char *c = cs ? (const char *)cs + b * csb * es : NULL, *s = sn ? (const char *)sn + b * csb * es : NULL;
-        char *kb = (char *)kc + (b * kcb + h * kch) * es, *vb = (char *)vc + (b * vcb + h * vch) * es;
-        float qf[ATTN_MAX_HEAD_DIM], acc[ATTN_MAX_HEAD_DIM];
-        const char *k_new = row + (Hq * D + h * D) * es;
-        if (c) {  /* the rotated key, rounded to the cache's dtype, into slot L - 1 */
-            rotate_head(qf, k_new, c, s, D, bf16);
-            store_row(kb + (L - 1) * kcs * es, qf, D, bf16);
-        } else {
-            copy_row(kb + (L - 1) * kcs * es, k_new, D, bf16);
-        }
-        copy_row(vb + (L - 1) * vcs * es, row + (Hq * D + Hkv * D + h * Dv) * es, Dv, bf16);
-        const int64_t *visible = mask + b * msb;
-        float stack_scores[ATTN_STACK_SCORES];
-        float *scores = L - lo <= ATTN_STACK_SCORES ? stack_scores : malloc((size_t)(L - lo) * sizeof(float));
-        if (scores == NULL) {
-            failed = 1;
-            continue;
-        }
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t head = h * G + g;
-            if (c)
-                rotate_head(qf, row + head * D * es, c, s, D, bf16);
-            else
-                load_row(qf, row + head * D * es, D, bf16);
-            attend_head(bf16, qf, kb, kcs, vb, vcs, visible, lo, L, D, Dv, scale, scores, acc);
-            store_row((char *)out + (b * Hq * Dv + head * Dv) * es, acc, Dv, bf16);
-        }
-        if (scores != stack_scores) free(scores);
-    }
-    return failed ? -2 : 0;
+    const int64_t es = bf16 ? 2 : 4;
+    const char *k = (const char *)qkv + Hq * D * es, *v = k + Hkv * D * es;
+    return decode(bf16, qkv, qsb, D, k, qsb, D, v, qsb, Dv, cs, sn, csb, kc, kcb, kch, kcs, vc, vcb, vch, vcs, mask,
+                  msb, scale, window, out, Hq * Dv, Dv, B, Hq, Hkv, L, D, Dv, threads);
 }

@@ -10,22 +10,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
 #include "bf16.h"
-
-static inline float load1(const void *p, int64_t i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline void store1(void *p, int64_t i, float v, int bf16) {
-    if (bf16)
-        ((uint16_t *)p)[i] = f32_to_bf16(v);
-    else
-        ((float *)p)[i] = v;
-}
 
 static float sum_squares(const void *row, int64_t K, int bf16) {
     float ss = 0.0f;
@@ -33,15 +18,13 @@ static float sum_squares(const void *row, int64_t K, int bf16) {
 #if defined(__AVX512F__)
     __m512 acc = _mm512_setzero_ps();
     for (; k + 16 <= K; k += 16) {
-        __m512 v = bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
-                              _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k))), 16))
-                        : _mm512_loadu_ps((const float *)row + k);
+        __m512 v = elem_load16(row, k, bf16);
         acc = _mm512_fmadd_ps(v, v, acc);
     }
     ss = _mm512_reduce_add_ps(acc);
 #endif
     for (; k < K; k++) {
-        float v = load1(row, k, bf16);
+        float v = elem_load(row, k, bf16);
         ss += v * v;
     }
     return ss;
@@ -49,7 +32,7 @@ static float sum_squares(const void *row, int64_t K, int bf16) {
 
 static void norm_row(const void *row, const void *w, float eps, void *y, int64_t K, int bf16) {
     const float r = 1.0f / sqrtf(sum_squares(row, K, bf16) / (float)K + eps);
-    for (int64_t k = 0; k < K; k++) store1(y, k, load1(w, k, bf16) * (load1(row, k, bf16) * r), bf16);
+    for (int64_t k = 0; k < K; k++) elem_store(y, k, elem_load(w, k, bf16) * (elem_load(row, k, bf16) * r), bf16);
 }
 
 /* Returns 0. */
@@ -67,7 +50,7 @@ int add_rms_norm_rows(int bf16, const void *a, int64_t lda, const void *b, int64
     for (int64_t m = 0; m < M; m++) {
         const char *ar = (const char *)a + m * lda * es, *br = (const char *)b + m * ldb * es;
         char *sr = (char *)s + m * K * es;
-        for (int64_t k = 0; k < K; k++) store1(sr, k, load1(ar, k, bf16) + load1(br, k, bf16), bf16);
+        for (int64_t k = 0; k < K; k++) elem_store(sr, k, elem_load(ar, k, bf16) + elem_load(br, k, bf16), bf16);
         norm_row(sr, w, eps, (char *)y + m * K * es, K, bf16);
     }
     return 0;
