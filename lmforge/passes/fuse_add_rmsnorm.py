@@ -27,7 +27,7 @@ from lmforge.codegen.rms_norm import rms_norm
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
 from lmforge.ir.spec import spec_of
-from lmforge.passes.match import NoMatch
+from lmforge.ir.match import NoMatch
 
 aten = torch.ops.aten
 

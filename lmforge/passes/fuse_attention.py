@@ -38,7 +38,7 @@ from lmforge.codegen.attention import visible_mask
 from lmforge.ir.graph import GraphIR, position_ids
 from lmforge.ir.spec import TensorSpec
 from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
-from lmforge.passes.match import NoMatch, ancestors, evaluate, mutates, only_user, replace_match, strip
+from lmforge.ir.match import NoMatch, ancestors, evaluate, mutates, only_user, replace_match, strip
 
 aten = torch.ops.aten
 

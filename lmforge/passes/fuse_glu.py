@@ -33,7 +33,7 @@ from lmforge.codegen.glu import glu
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
 from lmforge.ir.spec import spec_of
-from lmforge.passes.match import NoMatch, other, replace_match
+from lmforge.ir.match import NoMatch, other, replace_match
 
 aten = torch.ops.aten
 MUL = aten.mul.Tensor

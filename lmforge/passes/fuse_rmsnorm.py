@@ -26,7 +26,7 @@ from lmforge.codegen.rms_norm import rms_norm
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.spec import spec_of
 from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
-from lmforge.passes.match import NoMatch, only_user, other, replace_match
+from lmforge.ir.match import NoMatch, only_user, other, replace_match
 
 aten = torch.ops.aten
 MUL = aten.mul.Tensor

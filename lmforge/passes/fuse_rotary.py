@@ -22,7 +22,7 @@ from lmforge.codegen.rotary import rotary
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.spec import TensorSpec
 from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
-from lmforge.passes.match import only_user, other, replace_match
+from lmforge.ir.match import only_user, other, replace_match
 
 aten = torch.ops.aten
 

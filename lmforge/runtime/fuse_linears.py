@@ -52,14 +52,11 @@ from torch import fx
 
 from lmforge.ir.graph import GraphIR
 from lmforge.ir.linear import Linear, find_linears
+from lmforge.ir.match import NoMatch
 from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
 from lmforge.ir.spec import TensorSpec
 
 aten = torch.ops.aten
-
-
-class _Apart(Exception):
-    """Why a group of linear layers on one input stays apart."""
 VIEWS = (aten.view.default, aten._unsafe_view.default)
 
 
@@ -104,29 +101,29 @@ def _signature(ir: GraphIR, lin: Linear) -> dict[str, object]:
     """What members of one group must share, by what a difference is called in the stats."""
     node = lin.node
     if lin.through is not None:
-        raise _Apart("a weight read through a transpose")
+        raise NoMatch("a weight read through a transpose")
     if node.kwargs:  # (a bias by keyword): every argument is positional below
-        raise _Apart("keyword arguments")
+        raise NoMatch("keyword arguments")
     spec = node.meta.get("spec")
     if not (isinstance(spec, TensorSpec) and isinstance(spec.shape[-1], int)):
-        raise _Apart("output features not static")
+        raise NoMatch("output features not static")
     weights, bias_pos = _positions(lin)
     tensors = []
     for pos, out_axis, *_ in lin.form.weights:
         arg = node.args[pos]
         if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-            raise _Apart("a weight computed in the graph")
+            raise NoMatch("a weight computed in the graph")
         t = ir.weight(arg.target)
         others_axes = t.shape[:out_axis] + t.shape[out_axis + 1:]
         tensors.append((pos, out_axis, t.dtype, ir.weight_kind(arg.target), others_axes))
     bias = lin.bias
     if bias is not None:
         if not (isinstance(bias, fx.Node) and bias.op == "get_attr" and ir.weight(bias.target).dim() == 1):
-            raise _Apart("a bias computed in the graph")
+            raise NoMatch("a bias computed in the graph")
         bias = (ir.weight(bias.target).dtype, ir.weight_kind(bias.target))
     others = tuple((i, a) for i, a in enumerate(node.args) if i not in (lin.form.x_pos, *weights, bias_pos))
     if any(isinstance(a, fx.Node) for _, a in others):
-        raise _Apart("a tensor argument the linear form does not place")
+        raise NoMatch("a tensor argument the linear form does not place")
     layer = _layer(ir, lin)
     q = ir.quantization
     return {
@@ -151,15 +148,15 @@ def _check_views(lin: Linear) -> None:
                 i -= 1
                 prod *= shape[i]
             if prod != features:
-                raise _Apart("an output reshaped across its last axis")
+                raise NoMatch("an output reshaped across its last axis")
 
 
 def _check(ir: GraphIR, members: list[Linear]) -> _Group:
-    """The group, with its concatenated tensors, or _Apart with the reason it stays apart."""
+    """The group, with its concatenated tensors, or NoMatch with the reason it stays apart."""
     signatures = [_signature(ir, lin) for lin in members]
     for why, value in signatures[0].items():
         if any(s[why] != value for s in signatures[1:]):
-            raise _Apart(why)
+            raise NoMatch(why)
     for lin in members:
         _check_views(lin)
     layers = [_layer(ir, lin) for lin in members]
@@ -173,7 +170,7 @@ def _check(ir: GraphIR, members: list[Linear]) -> _Group:
         gets = [lin.node.args[pos] for lin in members]
         name = _tensor_name(layers, [ir.weight_names.get(g.target, g.target) for g in gets], fused)
         if name in taken:
-            raise _Apart("the fused name is taken")
+            raise NoMatch("the fused name is taken")
         parts = tuple(g.target for g in gets)
         tensors[pos] = (axis, name, ir.weight_kind(parts[0]), parts)
     sizes = [lin.node.meta["spec"].shape[-1] for lin in members]
@@ -244,7 +241,7 @@ def fuse_linears(ir: GraphIR, options) -> PassResult:
             continue
         try:
             groups.append(_check(ir, members))
-        except _Apart as e:
+        except NoMatch as e:
             stats[f"unfused: {e}"] = stats.get(f"unfused: {e}", 0) + 1
     _bookkeeping(ir, groups)  # the member names are read from the weights the rewrite replaces
     made: dict[tuple[str, ...], str] = {}

@@ -29,19 +29,16 @@ from lmforge.codegen.attention import attention
 from lmforge.codegen.qkv_attention import qkv_attention
 from lmforge.codegen.rotary import rotary
 from lmforge.ir.graph import GraphIR
+from lmforge.ir.match import NoMatch, replace_match
 from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 
 
-class _Apart(Exception):
-    """The chain around one attention does not have the form the rewrite needs (the message says why)."""
-
-
 def _one_user(node: fx.Node) -> fx.Node:
     if len(node.users) != 1:
-        raise _Apart("an intermediate value has other users")
+        raise NoMatch("an intermediate value has other users")
     return next(iter(node.users))
 
 
@@ -52,13 +49,13 @@ def _call(node, targets) -> bool:
 def _head_view(x: fx.Node) -> tuple[fx.Node, int, int]:
     """x = view(getitem(split, i), [B, S, H, D]).transpose(1, 2): (split, i, D)."""
     if not (_call(x, (aten.transpose.int,)) and tuple(x.args[1:]) in ((1, 2), (2, 1))):
-        raise _Apart("an attention input is not a transposed view")
+        raise NoMatch("an attention input is not a transposed view")
     view = x.args[0]
     if not (_call(view, _VIEWS) and len(view.args[1]) == 4 and isinstance(view.args[1][3], int)):
-        raise _Apart("an attention input is not a (batch, seq, heads, head_dim) view")
+        raise NoMatch("an attention input is not a (batch, seq, heads, head_dim) view")
     piece = view.args[0]
     if not (_call(piece, (operator.getitem,)) and _call(piece.args[0], (aten.split_with_sizes.default,))):
-        raise _Apart("q, k and v are not pieces of one fused projection")
+        raise NoMatch("q, k and v are not pieces of one fused projection")
     for node in (x, view, piece):
         _one_user(node)
     return piece.args[0], piece.args[1], view.args[1][3]
@@ -67,13 +64,13 @@ def _head_view(x: fx.Node) -> tuple[fx.Node, int, int]:
 def _match(att: fx.Node) -> tuple[tuple, fx.Node, set[fx.Node]]:
     """The new node's arguments, the node it replaces, and the chain's nodes."""
     if att.kwargs or not 7 <= len(att.args) <= 9:
-        raise _Apart("attention with keyword arguments")
+        raise NoMatch("attention with keyword arguments")
     q, k, v, k_cache, v_cache, mask, scale, causal, window = list(att.args) + [True, 0][len(att.args) - 7:]
     cos = sin = None
     chain = {att}
     if _call(q, (rotary,)) or _call(k, (rotary,)):
         if not (_call(q, (rotary,)) and _call(k, (rotary,)) and q.args[1:] == k.args[1:]):
-            raise _Apart("q and k are not rotated alike")
+            raise NoMatch("q and k are not rotated alike")
         cos, sin = q.args[1:]
         for r in (q, k):
             _one_user(r)
@@ -81,23 +78,23 @@ def _match(att: fx.Node) -> tuple[tuple, fx.Node, set[fx.Node]]:
         q, k = q.args[0], k.args[0]
     (split, iq, d), (split_k, ik, dk), (split_v, iv, dv) = _head_view(q), _head_view(k), _head_view(v)
     if not (split is split_k is split_v and (iq, ik, iv) == (0, 1, 2) and d == dk):
-        raise _Apart("q, k and v are not the three pieces of one split, in order")
+        raise NoMatch("q, k and v are not the three pieces of one split, in order")
     qkv, sizes, dim = split.args[0], list(split.args[1]), split.args[2] if len(split.args) > 2 else 0
     spec = qkv.meta.get("spec")
     if spec is None or len(spec.shape) != 3 or dim not in (-1, 2) or len(sizes) != 3 or len(split.users) != 3:
-        raise _Apart("the split is not the projection's three pieces along its last axis")
+        raise NoMatch("the split is not the projection's three pieces along its last axis")
     if sizes[0] % d or sizes[1] % d or sizes[2] % dv or sizes[1] // d != sizes[2] // dv:
-        raise _Apart("the split's sizes are not whole heads")
+        raise NoMatch("the split's sizes are not whole heads")
     q_heads, kv_heads = sizes[0] // d, sizes[1] // d
     for x in (q, k, v):
         chain |= {x, x.args[0], x.args[0].args[0]}
     chain.add(split)
     t = _one_user(att)
     if not (_call(t, (aten.transpose.int,)) and tuple(t.args[1:]) in ((1, 2), (2, 1))):
-        raise _Apart("the attention output is not transposed back")
+        raise NoMatch("the attention output is not transposed back")
     out = _one_user(t)
     if not (_call(out, _VIEWS) and len(out.args[1]) == 3):
-        raise _Apart("the attention output is not reshaped to (batch, seq, heads * head_dim)")
+        raise NoMatch("the attention output is not reshaped to (batch, seq, heads * head_dim)")
     chain |= {t, out}
     new_args = (qkv, cos, sin, k_cache, v_cache, mask, q_heads, kv_heads, d, dv, scale, causal, window)
     return new_args, out, chain
@@ -112,16 +109,10 @@ def fuse_qkv_attention(ir: GraphIR, options) -> PassResult:
             continue
         try:
             args, out, chain = _match(att)
-        except _Apart as e:
+        except NoMatch as e:
             stats[f"unfused: {e}"] = stats.get(f"unfused: {e}", 0) + 1
             continue
-        with graph.inserting_before(out):
-            new = graph.call_function(qkv_attention, args)
-        new.meta["spec"] = out.meta["spec"]
-        out.replace_all_uses_with(new)
-        for node in reversed(list(graph.nodes)):
-            if node in chain and not node.users:
-                graph.erase_node(node)
+        replace_match(ir, out, qkv_attention, args, chain)
         stats["fused"] += 1
     if stats["fused"]:
         ir.gm.recompile()

@@ -1,4 +1,4 @@
-"""The rewrite toolkit (`lmforge/passes/match.py`) on small traced graphs: walking a match (`only_user`, `other`,
+"""The rewrite toolkit (`lmforge/ir/match.py`) on small traced graphs: walking a match (`only_user`, `other`,
 `strip`, `ancestors`, `mutates`), evaluating a subgraph on probe inputs (`evaluate`), `NoMatch`, and
 `replace_match`, which leaves a valid graph computing what the replacement computes."""
 
@@ -13,7 +13,7 @@ from torch import fx
 from lmforge.ir.graph import GraphIR, KVCacheSpec
 from lmforge.ir.spec import spec_from_value
 from lmforge.ir.verify import verify
-from lmforge.passes.match import NoMatch, ancestors, evaluate, mutates, only_user, other, replace_match, strip
+from lmforge.ir.match import NoMatch, ancestors, evaluate, mutates, only_user, other, replace_match, strip
 
 aten = torch.ops.aten
 THROUGH = {aten.clone.default, aten._to_copy.default, aten.alias.default}

@@ -20,7 +20,7 @@ from lmforge.ir.ops import bound_op
 from lmforge.ir.printer import format_ir
 from lmforge.ir.spec import spec_from_value
 from lmforge.passes import PassManager, default_pipeline
-from lmforge.passes.match import evaluate
+from lmforge.ir.match import evaluate
 from tests.conftest import make_model, random_ids, run_ranks
 from tests.ir.test_capture import assert_matches_hf, run_chunks
 from tests.ir.test_capture_archs import build_family
