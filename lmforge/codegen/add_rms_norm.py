@@ -39,6 +39,17 @@ def _add_rms_norm_cpu(x, residual, weight, eps, out_dtype, cast_before_weight=Fa
     return reference(x, residual, weight, eps, out_dtype, cast_before_weight)
 
 
+def _record_add_rms_norm(b, x, residual, weight, eps, out_dtype, cast_before_weight=False):
+    """The norm.c call `_add_rms_norm_cpu` makes, for a step program (`cpu_program.py`): returns (y, s)."""
+    a, r = b.rows(x), b.rows(residual)
+    if (a is None or r is None or not norm.kernel_takes(x, weight, out_dtype, cast_before_weight)
+            or residual.dtype != x.dtype or residual.shape != x.shape):
+        return None
+    y, s = b.out(x.shape, x.dtype), b.out(x.shape, x.dtype)
+    b.call("add_rms_norm", (x, residual, weight, y, s), (x.dtype == torch.bfloat16, a[1], r[1], a[0], x.shape[-1]), (eps,))
+    return y, s
+
+
 _lib.impl("add_rms_norm", _add_rms_norm_cpu, "CPU")
 _lib.impl("add_rms_norm", reference, "CUDA")
 
@@ -52,4 +63,5 @@ add_rms_norm = torch.ops.lmforge.add_rms_norm.default
 
 # "replicated": the residual stream it reads is replicated under tensor parallelism; a sharded input would
 # keep the layers it came from whole, with the reason
-register_op(add_rms_norm, OpFacts(shard="replicated", cpu=_add_rms_norm_cpu))
+register_op(add_rms_norm, OpFacts(shard="replicated", cpu=_add_rms_norm_cpu,
+                                            record=_record_add_rms_norm))

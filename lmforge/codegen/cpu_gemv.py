@@ -1,13 +1,14 @@
 """The CPU decode kernels: `cpu/gemv.c`, `cpu/gemv_f32.c`, `cpu/norm.c`, `cpu/int4_q8.c` and `cpu/attention.c`,
-built on first use with the machine's C compiler.
+built on first use with the machine's C compiler, with `cpu/program.c`, which runs a recorded list of their calls
+(`cpu_program.py`).
 
     kernel()(x, w, b=None) -> y          x (..., K) bfloat16 or float32 with at most MAX_ROWS rows, w (N, K), b (N,)
                                          of x's dtype: y (..., N) (gemv.c, gemv_f32.c)
     kernel().rms_norm(x, w, eps) -> y    x (..., K), w (K,), bfloat16 or float32: RMSNorm in float32, rounded once
     kernel().add_rms_norm(a, b, w, eps) -> (y, s)   s = a + b, y = rms_norm(s, w, eps) (norm.c)
     kernel().rotary(x, cos, sin) -> y    x (B, H, S, D), cos/sin (B, 1|H, S, D) bfloat16: rotate-half rotary
-    kernel().glu(gate, up, act) -> y     gate, up (..., K) bfloat16: bf16(bf16(act(gate)) * up), act "silu" or
-                                         "gelu_tanh" (`GLU_ACTS`)
+    kernel().glu(gate, up, act) -> y     gate, up (..., K) bfloat16: bf16(bf16(act(gate)) * up), or float32:
+                                         act(gate) * up; act "silu" or "gelu_tanh" (`GLU_ACTS`)
     kernel().int4(x, qweight, scales, zeros, group_size, bias=None) -> y
                                          x (..., K) bfloat16 or float32, any number of rows; int4 weights
                                          qweight (N, K // 2) uint8 (column 2j in the low nibble of byte j),
@@ -47,7 +48,8 @@ import torch
 from lmforge.errors import ArtifactError
 
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
-SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4_q8.c", "attention.c"))
+SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4_q8.c", "attention.c",
+                                                     "program.c"))
 HEADERS = (SOURCE.with_name("bf16.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")  # products rounded as PyTorch rounds them
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
@@ -57,7 +59,8 @@ ATTN_MAX_HEAD_DIM = 512  # in attention.c
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes gemm_int4 takes
 _INT4_X_DTYPES = (torch.bfloat16, torch.float32)
 GEMV_DTYPES = (torch.bfloat16, torch.float32)  # gemv_bf16 (gemv.c), gemv_f32 (gemv_f32.c)
-GLU_ACTS = ("silu", "gelu_tanh")  # the activations glu_*_bf16 in gemv.c compute
+GLU_ACTS = ("silu", "gelu_tanh")  # the activations glu_*_bf16 and glu_*_f32 in gemv.c compute
+GLU_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def int4_activations() -> str:
@@ -139,11 +142,12 @@ class Kernel:
         self._rotary = rot
         self._glu = {}
         for act in GLU_ACTS:
-            glu = getattr(self.lib, f"glu_{act}_bf16")
-            glu.restype = ctypes.c_int
-            glu.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + \
-                [ctypes.c_int64] * 3
-            self._glu[act] = glu
+            for dtype, suffix in ((torch.bfloat16, "bf16"), (torch.float32, "f32")):
+                glu = getattr(self.lib, f"glu_{act}_{suffix}")
+                glu.restype = ctypes.c_int
+                glu.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + \
+                    [ctypes.c_int64] * 3
+                self._glu[act, dtype] = glu
         q4 = self.lib.gemm_int4
         q4.restype = ctypes.c_int
         q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
@@ -186,7 +190,7 @@ class Kernel:
         g, ldg = _rows(gate, K)
         u, ldu = _rows(up, K)
         y = torch.empty_like(gate, memory_format=torch.contiguous_format)
-        self._glu[act](g.data_ptr(), ldg, u.data_ptr(), ldu, y.data_ptr(), K, M, K)
+        self._glu[act, gate.dtype](g.data_ptr(), ldg, u.data_ptr(), ldu, y.data_ptr(), K, M, K)
         return y
 
     def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,

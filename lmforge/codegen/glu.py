@@ -14,8 +14,8 @@ roundings.
 Implementations, chosen per call:
 - Triton (`codegen/kernels/glu.py`) on CUDA, and on the CPU with `LMFORGE_KERNELS=triton` under Triton's
   interpreter (`codegen/dispatch.py`);
-- on the CPU, decode-sized bfloat16 rows of silu and gelu_tanh through `cpu/gemv.c`'s `glu_silu_bf16` /
-  `glu_gelu_tanh_bf16` (one pass over the rows instead of two ops and an intermediate tensor);
+- on the CPU, decode-sized bfloat16 and float32 rows of silu and gelu_tanh through `cpu/gemv.c`'s `glu_silu_bf16`,
+  `glu_gelu_tanh_bf16` and their `_f32` twins (one pass over the rows instead of two ops and an intermediate tensor);
 - everything else (other shapes, dtypes or activations) runs the reference.
 """
 
@@ -65,12 +65,24 @@ def glu_impl(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
         from lmforge.codegen.kernels import glu as kernels
 
         return kernels.glu(gate, up, act)
-    if (gate.device.type == "cpu" and gate.dtype == torch.bfloat16 and act in cpu_gemv.GLU_ACTS and _same(gate, up)
+    if (gate.device.type == "cpu" and gate.dtype in cpu_gemv.GLU_DTYPES and act in cpu_gemv.GLU_ACTS and _same(gate, up)
             and gate.numel() <= KERNEL_MAX_ROWS * gate.shape[-1]):
         kernel = cpu_gemv.kernel()
         if kernel is not None:
             return kernel.glu(gate, up, act)
     return reference(gate, up, act)
+
+
+def _record_glu(b, gate, up, act: str):
+    """The CPU kernel call `glu_impl` makes, for a step program (`cpu_program.py`)."""
+    g, u = b.rows(gate), b.rows(up)
+    if (g is None or u is None or gate.dtype not in cpu_gemv.GLU_DTYPES or act not in cpu_gemv.GLU_ACTS or not _same(gate, up)
+            or gate.numel() > KERNEL_MAX_ROWS * gate.shape[-1]):
+        return None
+    K = gate.shape[-1]
+    y = b.out(gate.shape, gate.dtype)
+    b.call(f"glu_{act}_{'bf16' if gate.dtype == torch.bfloat16 else 'f32'}", (gate, up, y), (g[1], u[1], K, g[0], K))
+    return y
 
 
 _lib.impl("glu", glu_impl, "CPU")
@@ -107,4 +119,5 @@ register_op(glu, OpFacts(
     # layers in the weights' dtype, so in practice this never adds a cast)
     casts=Casts((1,), to=0, why="cast-glu-input"),
     cpu=glu_impl,
+    record=_record_glu,
 ))

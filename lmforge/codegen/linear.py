@@ -29,6 +29,18 @@ def _linear_cpu(x, w, b=None):
     return F.linear(x, w, b)
 
 
+def _record_linear(b, x, w, bias=None):
+    """The GEMV `_linear_cpu` calls, for a step program (`cpu_program.py`)."""
+    rows = b.rows(x)
+    if rows is None or not cpu_gemv.supports(x, w, bias):
+        return None
+    (M, ldx), (N, K) = rows, w.shape
+    y = b.out((*x.shape[:-1], N), x.dtype)
+    kind = "gemv_bf16" if x.dtype == torch.bfloat16 else "gemv_f32"
+    b.call(kind, (x, w, bias, y), (ldx, N, M, N, K, b.threads))
+    return y
+
+
 _lib.impl("linear", _linear_cpu, "CPU")
 _lib.impl("linear", lambda x, w, b=None: F.linear(x, w, b), "CUDA")
 
@@ -41,7 +53,7 @@ def _linear_fake(x, w, b=None):
 linear = torch.ops.lmforge.linear.default
 
 register_op(linear, OpFacts(
-    shard="linear", verify=("matmul-dtypes", same_float_dtype(0, 1, 2)), cpu=_linear_cpu,
+    shard="linear", verify=("matmul-dtypes", same_float_dtype(0, 1, 2)), cpu=_linear_cpu, record=_record_linear,
     cost=lambda node: (2 * math.prod(node.args[1].meta["spec"].shape), 0),
     linear=lambda node: LinearForm(0, ((1, 0, 1, "col"),), 2),  # as aten.linear: w (N, K)
 ))

@@ -95,6 +95,23 @@ def _qkv_attention_cpu(qkv, cos, sin, k_cache, v_cache, attention_mask, q_heads,
                     v_head_dim, scale, causal, window)
 
 
+def _record(b, qkv, cos, sin, k_cache, v_cache, attention_mask, q_heads, kv_heads, head_dim, v_head_dim, scale,
+            causal=True, window=0):
+    """The attention.c call `_qkv_attention_cpu` makes, for a step program (`cpu_program.py`): the caches and the mask
+    must be the step's inputs whose length (dims 2 and 1) is the program's kv_len."""
+    if not (k_cache.dynamic == 2 and v_cache.dynamic == 2 and attention_mask.dynamic == 1) or not kernel_takes(
+            qkv, cos, sin, k_cache, v_cache, attention_mask, causal, q_heads, kv_heads, head_dim, v_head_dim):
+        return None
+    B = qkv.shape[0]
+    out = b.out((B, 1, q_heads * v_head_dim), qkv.dtype)
+    csb = cos.stride(0) if cos is not None and cos.shape[0] > 1 else 0
+    ks, vs = k_cache.stride(), v_cache.stride()
+    b.call("qkv_attention", (qkv, cos, sin, k_cache, v_cache, attention_mask, out),
+           (qkv.dtype == torch.bfloat16, qkv.stride(0), csb, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2],
+            attention_mask.stride(0), window, B, q_heads, kv_heads, head_dim, v_head_dim, b.threads), (scale,))
+    return out
+
+
 def _cuda(qkv, cos, sin, k_cache, v_cache, attention_mask, q_heads, kv_heads, head_dim, v_head_dim, scale,
           causal=True, window=0):
     return _unfused(torch.ops.lmforge.rotary.default, qkv, cos, sin, k_cache, v_cache, attention_mask, q_heads,
@@ -131,4 +148,4 @@ def _verify(node) -> str | None:
 # made at load, after resharding ("replicated": the shard pass never meets it); mutates its caches as
 # lmforge::attention does
 register_op(qkv_attention, OpFacts(shard="replicated", verify=("fused-attention", _verify), cost=_cost,
-                                   cpu=_qkv_attention_cpu, cache_writer=True))
+                                   cpu=_qkv_attention_cpu, cache_writer=True, record=_record))

@@ -72,6 +72,18 @@ def int4_linear_impl(x, qweight, scales, zeros, group_size: int, bias=None):
     return int4_reference(x, qweight, scales, zeros, group_size, bias)
 
 
+def _record_int4(b, x, qweight, scales, zeros, group_size: int, bias=None):
+    """The int4 kernel `int4_linear_impl` calls on the CPU, for a step program (`cpu_program.py`)."""
+    rows = b.rows(x)
+    if rows is None or not cpu_gemv.supports_int4(x, qweight, scales, zeros, group_size, bias):
+        return None
+    (M, ldx), N, K = rows, qweight.shape[0], qweight.shape[1] * 2
+    y = b.out((*x.shape[:-1], N), x.dtype)
+    kind = "int4_q8" if b.kernel.int8_activations and M <= cpu_gemv.Q8_MAX_ROWS else "int4"
+    b.call(kind, (x, qweight, scales, zeros, bias, y), (ldx, x.dtype == torch.float32, N, M, N, K, group_size, b.threads))
+    return y
+
+
 def fp8_linear_impl(x, weight, weight_scale, bias=None):
     if x.device.type == "cuda" and _scaled_mm_ok(x, weight):
         return _fp8_scaled_mm(x, weight, weight_scale, bias)
@@ -182,6 +194,7 @@ register_op(int4_linear, OpFacts(
     casts=Casts((0, 5), to=2),  # x and the bias in the scales' dtype
     params={1: 2, 2: 0, 3: 0},  # two 4-bit values a byte; scales and zero points count nothing
     prepare=_prepare_int4,
+    record=_record_int4,
 ))
 register_op(fp8_linear, OpFacts(
     shard="linear", verify=("fp8-linear", _verify_fp8), cpu=fp8_linear_impl,

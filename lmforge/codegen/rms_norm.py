@@ -47,6 +47,17 @@ def _rms_norm_cpu(x, weight, eps, out_dtype, cast_before_weight=False):
     return reference(x, weight, eps, out_dtype, cast_before_weight)
 
 
+def _record_rms_norm(b, x, weight, eps, out_dtype, cast_before_weight=False):
+    """The norm.c call `_rms_norm_cpu` makes, for a step program (`cpu_program.py`)."""
+    rows = b.rows(x)
+    if rows is None or not kernel_takes(x, weight, out_dtype, cast_before_weight):
+        return None
+    (M, ldx), K = rows, x.shape[-1]
+    y = b.out(x.shape, x.dtype)
+    b.call("rms_norm", (x, weight, y), (x.dtype == torch.bfloat16, ldx, K, M, K), (eps,))
+    return y
+
+
 _lib.impl("rms_norm", _rms_norm_cpu, "CPU")
 _lib.impl("rms_norm", reference, "CUDA")
 
@@ -58,4 +69,4 @@ def _rms_norm_fake(x, weight, eps, out_dtype, cast_before_weight=False):
 
 rms_norm = torch.ops.lmforge.rms_norm.default
 
-register_op(rms_norm, OpFacts(shard="norm", cpu=_rms_norm_cpu))
+register_op(rms_norm, OpFacts(shard="norm", cpu=_rms_norm_cpu, record=_record_rms_norm))

@@ -63,6 +63,10 @@ class OpFacts:
     # load time: fit the node's inputs to what its kernel on `device` reads (int4 on the CPU widens its scales
     # to float32); (ir, node, device) -> whether it changed anything. Run by the load pass `prepare-kernels`.
     prepare: Callable[[object, fx.Node, object], bool] | None = None  # (GraphIR, node, torch.device)
+    # the lean decode step of a CPU engine: (cpu_program.Builder, *the node's args) -> its output Ref(s), having
+    # appended the kernel call `cpu` would make for arguments laid out so, or None where `cpu` would not call
+    # one of the step program's kernels (runtime/lean_step.py)
+    record: Callable | None = None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from torch import fx
 from lmforge.errors import ArtifactError, GenerationError
 from lmforge.ir.graph import GraphIR, position_ids
 from lmforge.runtime.artifact import Artifact
+from lmforge.runtime import lean_step
 from lmforge.runtime.kv_cache import KVCache
 from lmforge.runtime.prefill import last_position_graph
 from lmforge.runtime.sampling import SamplingConfig, next_token
@@ -59,12 +60,21 @@ class Engine:
         self.load_seconds: float | None = None  # lmforge.load: reading, checking and preparing the artifact
         self.tp, self.rank = ir.tp, rank  # tensor-parallel ranks; this one's
         self._prefill_gm: fx.GraphModule | None | bool = False  # False: not built yet; None: the graph has none
+        self._lean: tuple[fx.GraphModule, lean_step.LeanStats] | None | bool = False  # the decode step's (lean_step.py)
 
     # --- one step --------------------------------------------------------------------------------
 
-    def _run(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run(self, cache: KVCache, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+             gm: fx.GraphModule | None = None) -> torch.Tensor:
         """ids, positions: (batch, seq); mask: (batch, kv_len), covering the cache up to and including ids."""
-        return self.ir.gm(ids, positions, mask, *cache.views(mask.shape[1]))[0]
+        return (gm or self.ir.gm)(ids, positions, mask, *cache.views(mask.shape[1]))[0]
+
+    def lean_step(self) -> tuple[fx.GraphModule, lean_step.LeanStats] | None:
+        """The graph the decode steps run, with its kernel calls in step programs, and its stats; None where there is
+        none (not a CPU engine, `LMFORGE_LEAN_STEP=0`, no C compiler, nothing to record): `runtime/lean_step.py`."""
+        if self._lean is False:
+            self._lean = lean_step.lean_graph(self.ir) if lean_step.enabled(self.device) else None
+        return self._lean
 
     def _cache_for(self, batch: int) -> KVCache:
         """The engine's cache, reallocated only when the batch size changes."""
@@ -189,7 +199,8 @@ class Engine:
                length: int) -> torch.Tensor:
         """Run one new token per row at slot `length`; returns its logits (batch, vocab)."""
         full_mask[:, length] = 1
-        return self._run(cache, token, positions, full_mask[:, : length + 1])[:, -1]
+        lean = self.lean_step()
+        return self._run(cache, token, positions, full_mask[:, : length + 1], lean[0] if lean else None)[:, -1]
 
     # --- text ------------------------------------------------------------------------------------
 

@@ -123,9 +123,11 @@ def bench_engine(eng, batch: int = 1, prompt_len: int = 32, new_tokens: int = 64
 
 @dataclass
 class StepSplit:
-    """Where one decode step's time goes: `step_s` is the step run plainly; the three parts divide it in the
-    proportions an `fx.Interpreter` run timed the nodes in (the interpreter adds a few microseconds a node,
-    so the share of "other", the many small ops, is an upper bound)."""
+    """Where one decode step's time goes: `step_s` is the step run plainly. With a lean step (CPU engines,
+    `lean_step.py`), matmuls and attention are their kernels' own times inside the step programs, and "other"
+    is the rest: norms, activations and the Python between programs. Otherwise the three parts divide the
+    step in the proportions an `fx.Interpreter` run timed the nodes in (the interpreter adds a few
+    microseconds a node, so the share of "other", the many small ops, is an upper bound)."""
 
     step_s: float
     matmul_s: float  # linear layers of every form (float, int4, fp8)
@@ -147,6 +149,9 @@ def step_split(eng, context: int = 64, repeats: int = 10) -> StepSplit:
     mask = torch.ones(1, context + 1, dtype=torch.long, device=device)
     args = (torch.zeros(1, 1, dtype=torch.long, device=device), torch.full((1, 1), context, device=device), mask,
             *cache.views(context + 1))
+    lean = eng.lean_step()
+    if lean is not None:
+        return _lean_split(lean[0], args, repeats)
     kinds = {}
     for node in eng.ir.graph.nodes:
         facts = op_facts(node.target) if node.op == "call_function" else None
@@ -173,3 +178,28 @@ def step_split(eng, context: int = 64, repeats: int = 10) -> StepSplit:
                 best_total, best = sum(spent.values()), dict(spent)
     share = {k: v / best_total for k, v in best.items()}
     return StepSplit(step, step * share["matmul"], step * share["attention"], step * share["other"])
+
+
+def _lean_split(gm, args, repeats: int) -> StepSplit:
+    """step_split for a lean step: the step programs time their own kernel calls (`Program.timed`)."""
+    from lmforge.codegen.cpu_program import kind_class
+    from lmforge.runtime.lean_step import segments
+
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        gm(*args)  # records the programs for this layout
+        programs = [p for seg in segments(gm) for p in seg.programs.values() if p is not None]
+        step = _best(lambda: gm(*args), cpu, repeats)
+        for p in programs:
+            p.timed()
+        for _ in range(repeats):
+            gm(*args)
+    parts = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for p in programs:
+        for kind, seconds in zip(p.kinds, p.seconds):
+            parts[kind_class(kind)] += seconds / repeats
+        p.timed(False)
+    kernels = parts["matmul"] + parts["attention"]
+    scale = min(1.0, step / kernels) if kernels else 1.0  # the mean of the timed runs may exceed the best step
+    matmul, attention = parts["matmul"] * scale, parts["attention"] * scale
+    return StepSplit(step, matmul, attention, max(0.0, step - matmul - attention))

@@ -107,20 +107,22 @@ def kernel(request):
 @pytest.mark.parametrize("act", cpu_gemv.GLU_ACTS)
 @pytest.mark.parametrize("M", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("F", [1, 15, 17, 112, 301])
-def test_cpu_kernel_matches_float64(kernel, act, M, F):
-    g, u = inputs((M, F), torch.bfloat16, seed=M * 1000 + F)
-    assert_rounded_close(kernel.glu(g, u, act), want64(act, g, u), 2 ** -8)
+@pytest.mark.parametrize("dtype", cpu_gemv.GLU_DTYPES)
+def test_cpu_kernel_matches_float64(kernel, act, M, F, dtype):
+    g, u = inputs((M, F), dtype, seed=M * 1000 + F)
+    assert_rounded_close(kernel.glu(g, u, act), want64(act, g, u), EPS[dtype])
 
 
 @cpu_only
 @pytest.mark.parametrize("act", cpu_gemv.GLU_ACTS)
-def test_cpu_kernel_strided_rows_leading_dims_and_extremes(kernel, act):
-    g, u = inputs((2, 3, 45), torch.bfloat16, strided=True)  # rows with a stride of 90
-    assert_rounded_close(kernel.glu(g, u, act), want64(act, g, u), 2 ** -8)
-    big = torch.tensor([[-300.0, -90.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 90.0, 300.0, 3e38, -3e38]]).bfloat16()
+@pytest.mark.parametrize("dtype", cpu_gemv.GLU_DTYPES)
+def test_cpu_kernel_strided_rows_leading_dims_and_extremes(kernel, act, dtype):
+    g, u = inputs((2, 3, 45), dtype, strided=True)  # rows with a stride of 90
+    assert_rounded_close(kernel.glu(g, u, act), want64(act, g, u), EPS[dtype])
+    big = torch.tensor([[-300.0, -90.0, -20.0, -1e-3, 0.0, 1e-3, 20.0, 90.0, 300.0, 3e38, -3e38]]).to(dtype)
     ones = torch.ones_like(big)
-    torch.testing.assert_close(kernel.glu(big, ones, act), glu_op.reference(big, ones, act), rtol=2 ** -7, atol=0)
-    special = torch.tensor([[float("nan"), float("inf")]]).bfloat16()  # NaN stays NaN; act(inf) = inf
+    torch.testing.assert_close(kernel.glu(big, ones, act), glu_op.reference(big, ones, act), rtol=2 * EPS[dtype], atol=0)
+    special = torch.tensor([[float("nan"), float("inf")]]).to(dtype)  # NaN stays NaN; act(inf) = inf
     torch.testing.assert_close(kernel.glu(special, torch.ones_like(special), act),
                                glu_op.reference(special, torch.ones_like(special), act), equal_nan=True)
 
@@ -135,9 +137,10 @@ def test_cpu_op_runs_the_kernel_for_decode_rows_only():
     assert torch.equal(got, kernel.glu(g, u, "gelu_tanh")) and not torch.equal(got, glu_op.reference(g, u, "gelu_tanh"))
     g, u = inputs((glu_op.KERNEL_MAX_ROWS + 1, 301), torch.bfloat16, seed=3)  # prefill: PyTorch's threaded ops
     assert torch.equal(glu(g, u, "gelu_tanh"), glu_op.reference(g, u, "gelu_tanh"))
-    for dtype in (torch.float32, torch.float16):  # no kernel for these: the reference, exactly
-        g, u = inputs((2, 33), dtype)
-        assert torch.equal(glu(g, u, "silu"), glu_op.reference(g, u, "silu"))
+    g, u = inputs((2, 33), torch.float32)  # float32 decode rows: the kernel too
+    assert torch.equal(glu(g, u, "silu"), kernel.glu(g, u, "silu"))
+    g, u = inputs((2, 33), torch.float16)  # no kernel: the reference, exactly
+    assert torch.equal(glu(g, u, "silu"), glu_op.reference(g, u, "silu"))
     g, u = inputs((2, 33), torch.bfloat16)
     assert torch.equal(glu(g, u, "gelu"), glu_op.reference(g, u, "gelu"))  # exact GELU: no CPU kernel
     assert torch.equal(glu(g, u[:1], "silu"), glu_op.reference(g, u[:1], "silu"))  # broadcasting: the reference

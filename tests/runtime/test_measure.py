@@ -11,6 +11,7 @@ from lmforge.runtime import measure
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"], indirect=True)
 def test_step_split_sums_to_the_step_and_names_each_kind(arch, artifacts, monkeypatch):
+    monkeypatch.setenv("LMFORGE_LEAN_STEP", "0")  # the node-by-node split (test_lean_step times the programs)
     eng = lmforge.load(artifacts(arch))
     split = measure.step_split(eng, context=10, repeats=2)
     parts = (split.matmul_s, split.attention_s, split.other_s)

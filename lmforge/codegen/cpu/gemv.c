@@ -163,8 +163,8 @@ int rotary_bf16(const uint16_t *x, int64_t sxb, int64_t sxh, int64_t sxs, const 
     return 0;
 }
 
-/* Gated-MLP activation (GLU), with PyTorch's bfloat16 rounding after each op:
- *   y = bf16(bf16(act(g)) * u)      g, u (M, K) row strides ldg, ldu; y (M, K) row stride ldy
+/* Gated-MLP activation (GLU) of float32 or bfloat16 rows (`bf16`), with PyTorch's rounding after each op:
+ *   y = act(g) * u, in bfloat16 y = bf16(bf16(act(g)) * u)      g, u (M, K) row strides ldg, ldu; y (M, K) row stride ldy
  * act(g) = g * sigmoid(s(g)): SiLU s(g) = g; GELU's tanh form s(g) = 2 sqrt(2/pi) (g + 0.044715 g^3), since
  * 0.5 g (1 + tanh(v)) = g / (1 + e^(-2v)). Float32 inside; with AVX-512F 16 columns at a time through a
  * polynomial e^x (within 2 float32 ulp of expf), the row's tail through a zero-padded block so that every
@@ -172,16 +172,13 @@ int rotary_bf16(const uint16_t *x, int64_t sxb, int64_t sxh, int64_t sxs, const 
 #define GLU_SQRT_8_OVER_PI 1.5957691216057308f  /* 2 sqrt(2/pi) */
 #define GLU_KAPPA 0.044715f
 
-static inline float glu_scalar(float g, float u, int gelu) {
+static inline float glu_scalar(float g, float u, int gelu, int bf16) {
     float s = gelu ? GLU_SQRT_8_OVER_PI * (g + GLU_KAPPA * g * g * g) : g;
-    return bf16_to_f32(f32_to_bf16(g / (1.0f + expf(-s)))) * u;
+    float a = g / (1.0f + expf(-s));
+    return (bf16 ? bf16_to_f32(f32_to_bf16(a)) : a) * u;
 }
 
 #if defined(__AVX512F__)
-static inline __m512 bf16x16_to_f32(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
-
 /* the bfloat16 nearest to each lane (ties to even; NaN stays NaN), in the low half of each 32-bit lane */
 static inline __m512i f32x16_round_bf16(__m512 v) {
     __m512i b = _mm512_castps_si512(v);
@@ -209,51 +206,64 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-static inline __attribute__((always_inline)) void glu16(const uint16_t *gp, const uint16_t *up, uint16_t *yp,
-                                                        int gelu) {
-    __m512 g = bf16x16_to_f32(gp);
+static inline __attribute__((always_inline)) void glu16(const void *gp, const void *up, void *yp, int gelu,
+                                                        int bf16) {
+    __m512 g = elem_load16(gp, 0, bf16);
     __m512 s = g;
     if (gelu)
         s = _mm512_mul_ps(_mm512_set1_ps(GLU_SQRT_8_OVER_PI),
                           _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(GLU_KAPPA), g), _mm512_mul_ps(g, g), g));
     __m512 a = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), s))));
+    if (!bf16) {
+        _mm512_storeu_ps((float *)yp, _mm512_mul_ps(a, elem_load16(up, 0, 0)));
+        return;
+    }
     a = _mm512_castsi512_ps(_mm512_slli_epi32(f32x16_round_bf16(a), 16));  /* act(g) in bfloat16, as PyTorch */
-    __m512i y = f32x16_round_bf16(_mm512_mul_ps(a, bf16x16_to_f32(up)));
+    __m512i y = f32x16_round_bf16(_mm512_mul_ps(a, elem_load16(up, 0, 1)));
     _mm256_storeu_si256((__m256i *)yp, _mm512_cvtepi32_epi16(y));
 }
 #endif
 
-static inline __attribute__((always_inline)) int glu_rows(const uint16_t *g, int64_t ldg, const uint16_t *u,
-                                                          int64_t ldu, uint16_t *y, int64_t ldy, int64_t M,
-                                                          int64_t K, int gelu) {
+static inline __attribute__((always_inline)) int glu_rows(int bf16, const void *g, int64_t ldg, const void *u,
+                                                          int64_t ldu, void *y, int64_t ldy, int64_t M, int64_t K,
+                                                          int gelu) {
+    const int64_t es = bf16 ? 2 : 4;
     for (int64_t m = 0; m < M; m++) {
-        const uint16_t *gr = g + m * ldg, *ur = u + m * ldu;
-        uint16_t *yr = y + m * ldy;
+        const char *gr = (const char *)g + m * ldg * es, *ur = (const char *)u + m * ldu * es;
+        char *yr = (char *)y + m * ldy * es;
         int64_t k = 0;
 #if defined(__AVX512F__)
-        for (; k + 16 <= K; k += 16) glu16(gr + k, ur + k, yr + k, gelu);
+        for (; k + 16 <= K; k += 16) glu16(gr + k * es, ur + k * es, yr + k * es, gelu, bf16);
         if (k < K) {
-            uint16_t gt[16] = {0}, ut[16] = {0}, yt[16];
-            memcpy(gt, gr + k, (size_t)(K - k) * 2);
-            memcpy(ut, ur + k, (size_t)(K - k) * 2);
-            glu16(gt, ut, yt, gelu);
-            memcpy(yr + k, yt, (size_t)(K - k) * 2);
+            float gt[16] = {0}, ut[16] = {0}, yt[16];
+            memcpy(gt, gr + k * es, (size_t)(K - k) * es);
+            memcpy(ut, ur + k * es, (size_t)(K - k) * es);
+            glu16(gt, ut, yt, gelu, bf16);
+            memcpy(yr + k * es, yt, (size_t)(K - k) * es);
         }
 #else
-        for (; k < K; k++) yr[k] = f32_to_bf16(glu_scalar(bf16_to_f32(gr[k]), bf16_to_f32(ur[k]), gelu));
+        for (; k < K; k++) elem_store(yr, k, glu_scalar(elem_load(gr, k, bf16), elem_load(ur, k, bf16), gelu, bf16), bf16);
 #endif
     }
     return 0;
 }
 
-int glu_silu_bf16(const uint16_t *g, int64_t ldg, const uint16_t *u, int64_t ldu, uint16_t *y, int64_t ldy,
-                  int64_t M, int64_t K) {
-    return glu_rows(g, ldg, u, ldu, y, ldy, M, K, 0);
+int glu_silu_bf16(const void *g, int64_t ldg, const void *u, int64_t ldu, void *y, int64_t ldy, int64_t M, int64_t K) {
+    return glu_rows(1, g, ldg, u, ldu, y, ldy, M, K, 0);
 }
 
-int glu_gelu_tanh_bf16(const uint16_t *g, int64_t ldg, const uint16_t *u, int64_t ldu, uint16_t *y, int64_t ldy,
-                       int64_t M, int64_t K) {
-    return glu_rows(g, ldg, u, ldu, y, ldy, M, K, 1);
+int glu_gelu_tanh_bf16(const void *g, int64_t ldg, const void *u, int64_t ldu, void *y, int64_t ldy, int64_t M,
+                       int64_t K) {
+    return glu_rows(1, g, ldg, u, ldu, y, ldy, M, K, 1);
+}
+
+int glu_silu_f32(const void *g, int64_t ldg, const void *u, int64_t ldu, void *y, int64_t ldy, int64_t M, int64_t K) {
+    return glu_rows(0, g, ldg, u, ldu, y, ldy, M, K, 0);
+}
+
+int glu_gelu_tanh_f32(const void *g, int64_t ldg, const void *u, int64_t ldu, void *y, int64_t ldy, int64_t M,
+                      int64_t K) {
+    return glu_rows(0, g, ldg, u, ldu, y, ldy, M, K, 1);
 }
 
 /* ---- int4 weight-only matmul: y = x W^T (+ b), W stored as 4-bit codes with per-group scales and zeros ----
