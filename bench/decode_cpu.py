@@ -1,9 +1,11 @@
 """Greedy-generation throughput on CPU: Hugging Face eager `generate` vs an lmforge engine.
 
-What it measures: a SmolLM-135M-shaped Llama (random weights, seed 0) generates exactly N new tokens
+What it measures: a SmolLM-135M-shaped Llama (or, with `--model llama-1b`, a Llama-3.2-1B-shaped one; random
+weights, seed 0) generates exactly N new tokens
 after a random batch-1 prompt of P tokens, in float32 and in bfloat16, once with transformers'
 `model.generate` (eager, dynamic cache) and once with `lmforge.load(...).generate`; then lmforge again
-with its weights quantized (`--quant`, default int4; fp8 too if asked) at `--group-size` (default: lmforge's,
+with its weights quantized (`--quant`, default int4; `int4-head` quantizes the tied lm_head too, as ONNX Runtime
+GenAI's int4 does; fp8 too if asked) at `--group-size` (default: lmforge's,
 128 where it divides a layer's in_features, else the largest that does: SmolLM's 576 -> 64), computing in bfloat16. Each is warmed up once and timed as the best of `--repeats` runs of the whole call (prefill +
 decode), each lmforge engine's runs alternating with HF's in the same dtype so that both see the same
 machine conditions:
@@ -23,8 +25,9 @@ picked the same token as transformers in the same dtype (float32 should match al
 
 Run (from the repository root):
 
-    python bench/decode_cpu.py [--new-tokens 64] [--prompt-len 32] [--repeats 5] [--threads N]
-                               [--quant int4,int4-q8,fp8] [--group-size G] [--json]
+    python bench/decode_cpu.py [--model smollm-135m|llama-1b] [--dtypes float32,bfloat16] [--new-tokens 64]
+                               [--prompt-len 32] [--repeats 5] [--threads N] [--quant int4,int4-head,int4-q8,fp8]
+                               [--group-size G] [--json]
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
                    rope_theta=10000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)
+LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=2048,
+                rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)  # Llama-3.2-1B's shape
+SHAPES = {"smollm-135m": SMOLLM_135M, "llama-1b": LLAMA_1B}
+QUANTS = ("int4", "int4-head", "int4-q8", "fp8")
 # torch.export's own run_decompositions (inside lmforge.optimize) trips this deprecation warning of torch's
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -70,10 +78,10 @@ class Row:
     split_ms: tuple[float, float, float, float] | None = None  # lmforge: one decode step, matmuls, attention, rest
 
 
-def build_model() -> LlamaForCausalLM:
-    """The SmolLM-135M-shaped Llama in float32, random weights from seed 0, with no eos token."""
+def build_model(shape: str = "smollm-135m") -> LlamaForCausalLM:
+    """The `shape`d Llama (SHAPES) in float32, random weights from seed 0, with no eos token."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM_135M, dtype="float32")).eval()
+    model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], dtype="float32")).eval()
     model.generation_config.eos_token_id = None  # never stop early and never suppress a token
     model.generation_config.pad_token_id = 0
     return model
@@ -109,15 +117,16 @@ def best_of_interleaved(fns: list[Callable[[], torch.Tensor]], repeats: int) -> 
 
 
 def bench_dtype(model: LlamaForCausalLM, dtype: str, ids: torch.Tensor, new_tokens: int, repeats: int,
-                workdir: Path, bandwidth: float, quant: str | None = None, group_size: int | None = None) -> list[Row]:
+                workdir: Path, bandwidth: float, quant: str | None = None, group_size: int | None = None,
+                skip: list[str] | None = None) -> list[Row]:
     """The HF-eager and lmforge rows for one dtype (and quantization scheme)."""
     prompt_len = ids.shape[1]
     hf = copy.deepcopy(model).to(DTYPES[dtype])
     mask = torch.ones_like(ids)
     max_seq_len = -(-(prompt_len + new_tokens) // 64) * 64
-    out_dir = workdir / f"{dtype}-{quant}"
+    out_dir = workdir / f"{dtype}-{quant}-{'head' if skip == [] else 'nohead'}"
     lmforge.optimize(model, output_dir=out_dir, dtype=dtype, max_seq_len=max_seq_len, quant=quant,
-                     group_size=group_size)
+                     group_size=group_size, skip=skip)
     eng = lmforge.load(out_dir)
     hf_weights = weight_bytes(hf)
     step_weights = hf_weights if quant is None else engine_weight_bytes(eng)
@@ -191,23 +200,29 @@ def int4_activations(value: str):
 def parse_args() -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(SHAPES), default="smollm-135m", help="the model's shape (default smollm-135m)")
+    p.add_argument("--dtypes", default="float32,bfloat16", help="unquantized rows, comma-separated (default "
+                                                                "float32,bfloat16)")
     p.add_argument("--new-tokens", type=int, default=64, help="tokens generated per run (default 64)")
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length (default 32)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs after one warm-up; best counts (default 5)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--quant", default="int4", help="quantized bfloat16 rows, comma-separated: int4, int4-q8 (int4 "
-                                                   "with int8 activations, LMFORGE_INT4_ACT=int8), fp8, or '' for "
-                                                   "none (default int4)")
+    p.add_argument("--quant", default="int4", help="quantized bfloat16 rows, comma-separated: int4, int4-head (the "
+                                                   "lm_head too), int4-q8 (int4 with int8 activations, "
+                                                   "LMFORGE_INT4_ACT=int8), fp8, or '' for none (default int4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256),
                    help="int4 group size (default: fitted per layer, 128 or the largest that divides it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = p.parse_args()
     args.quant = [q.strip() for q in args.quant.split(",") if q.strip()]
-    if any(q not in ("int4", "int4-q8", "fp8") for q in args.quant):
-        p.error("--quant takes int4, int4-q8 and/or fp8")
+    if any(q not in QUANTS for q in args.quant):
+        p.error(f"--quant takes {', '.join(QUANTS)}")
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    if any(d not in DTYPES for d in args.dtypes):
+        p.error(f"--dtypes takes {', '.join(DTYPES)}")
     if args.new_tokens < 1 or args.prompt_len < 1 or args.repeats < 1:
         p.error("--new-tokens, --prompt-len and --repeats must be >= 1")
-    if args.prompt_len + args.new_tokens > SMOLLM_135M["max_position_embeddings"]:
+    if args.prompt_len + args.new_tokens > SHAPES[args.model]["max_position_embeddings"]:
         p.error("--prompt-len + --new-tokens exceeds the model's 2048 positions")
     return args
 
@@ -218,30 +233,31 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     bandwidth = memory_bandwidth("cpu")
-    model = build_model()
-    ids = torch.randint(0, SMOLLM_135M["vocab_size"], (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    model = build_model(args.model)
+    ids = torch.randint(0, SHAPES[args.model]["vocab_size"], (1, args.prompt_len),
+                        generator=torch.Generator().manual_seed(0))
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="lmforge-decode-bench-") as work:
-        for dtype in DTYPES:
+        for dtype in args.dtypes:
             rows += bench_dtype(model, dtype, ids, args.new_tokens, args.repeats, Path(work), bandwidth)
         for quant in args.quant:  # HF bf16 runs again beside each, for the same-conditions ratio
             with int4_activations("int8" if quant == "int4-q8" else "float"):
                 row = bench_dtype(model, "bfloat16", ids, args.new_tokens, args.repeats, Path(work), bandwidth,
-                                  quant.removesuffix("-q8"), args.group_size)[1]
-            if quant == "int4-q8":
-                row.engine += " (int8 act)"
+                                  quant.removesuffix("-q8").removesuffix("-head"), args.group_size,
+                                  [] if quant == "int4-head" else None)[1]
+            row.engine += {"int4-q8": " (int8 act)", "int4-head": " (+lm_head)"}.get(quant, "")
             rows.append(row)
-    hf_fp32 = next(r.tokens_per_s for r in rows if r.engine == "HF eager" and r.dtype == "float32")
+    hf_fp32 = next((r.tokens_per_s for r in rows if r.engine == "HF eager" and r.dtype == "float32"), None)
     for r in rows:
-        r.ratio_vs_hf_fp32 = r.tokens_per_s / hf_fp32
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "torch": torch.__version__,
+        r.ratio_vs_hf_fp32 = r.tokens_per_s / hf_fp32 if hf_fp32 else None
+    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "model": args.model, "torch": torch.__version__,
             "transformers": transformers.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
             "bandwidth_gb_s": round(bandwidth / 1e9, 2), "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "repeats": args.repeats}
     if args.json:
         print(json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2))
         return
-    print(f"{meta['date']}  torch {meta['torch']}  transformers {meta['transformers']}  {meta['cpu']}  "
+    print(f"{meta['date']}  {args.model}  torch {meta['torch']}  transformers {meta['transformers']}  {meta['cpu']}  "
           f"{meta['threads']} threads  read bandwidth {meta['bandwidth_gb_s']:.1f} GB/s  "
           f"(prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeats})")
     print(format_table(rows, args.new_tokens))

@@ -81,6 +81,18 @@ def test_inspect_text_and_ir(demo):
     assert stdout.count("lmforge.attention.default(") == 4
 
 
+def test_inspect_load_prints_the_load_pipeline_and_the_lean_step(demo):
+    code, stdout, _ = invoke("inspect", str(demo), "--load", "cpu")
+    assert code == 0 and "load pipeline: fuse-linears," in stdout and "bind-cpu-kernels" in stdout
+    from lmforge.codegen import cpu_program
+
+    if cpu_program.available():  # the demo model is a Llama: its whole decode step is one program
+        assert "lean decode step: 1 step program(s) over" in stdout and "between them" not in stdout
+    code, stdout, _ = invoke("inspect", str(demo), "--load", "cpu", "--json")
+    info = json.loads(stdout)
+    assert code == 0 and (info["lean_step"] is None or info["lean_step"]["segments"] == 1)
+
+
 def test_run_greedy_and_sampled(demo):
     """`run` prints the prompt, then the continuation the API's `generate` picks: greedily (streamed or
     not), and sampled with --temperature/--top-p/--seed (one seed one text, another seed another)."""

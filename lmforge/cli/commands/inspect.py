@@ -118,11 +118,21 @@ def _print_load_pipeline(art, device: str, as_json: bool, show_ir: bool) -> None
     if show_ir:
         click.echo(format_ir(eng.ir))
         return
+    lean = eng.lean_step()
+    lean_stats = None if lean is None else {"segments": lean[1].segments, "recorded_nodes": lean[1].recorded,
+                                            "left_between": lean[1].left}
     if as_json:
-        click.echo(json.dumps({"device": str(eng.device), "weight_layout": eng.weight_layout, "passes": loaded}, indent=2))
+        click.echo(json.dumps({"device": str(eng.device), "weight_layout": eng.weight_layout, "passes": loaded,
+                               "lean_step": lean_stats}, indent=2))
         return
     click.echo(f"{art.path} loaded on {eng.device}: weight layout {eng.weight_layout}, {len(eng.ir.graph.nodes)} nodes")
     click.echo(f"  load pipeline: {','.join(h['pass'] for h in loaded) or '(none)'}")
     for h in loaded:
         stats = ", ".join(f"{k}={v}" for k, v in h["stats"].items() if v) or "no change"
         click.echo(f"    {h['pass']:<36} {h['seconds'] * 1000:7.1f} ms  {stats}")
+    if lean_stats is None:
+        click.echo("  lean decode step: none (not a CPU engine, LMFORGE_LEAN_STEP=0, or no C compiler)")
+    else:
+        left = ", ".join(f"{k}={v}" for k, v in lean_stats["left_between"].items())
+        click.echo(f"  lean decode step: {lean_stats['segments']} step program(s) over {lean_stats['recorded_nodes']} "
+                   f"nodes" + (f"; between them: {left}" if left else ""))
