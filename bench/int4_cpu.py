@@ -1,4 +1,4 @@
-"""lmforge's CPU int4 decode GEMVs side by side: activations in their own dtype (`gemm_int4`, cpu/gemv.c) against
+"""lmforge's CPU int4 decode GEMVs side by side: activations in their own dtype (`gemm_int4`, cpu/int4.c) against
 activations quantized to int8 per 32 columns (`gemv_int4_q8`, cpu/int4_q8.c, `LMFORGE_INT4_ACT=int8`).
 
 Shapes (N, K) of a SmolLM-135M-shaped Llama (fused q/k/v, fused gate/up, down, the tied lm_head) and of a

@@ -1,4 +1,5 @@
-"""The CPU decode kernels: `cpu/gemv.c`, `cpu/gemv_f32.c`, `cpu/norm.c`, `cpu/int4_q8.c` and `cpu/attention.c`,
+"""The CPU decode kernels: `cpu/gemv.c`, `cpu/gemv_f32.c`, `cpu/norm.c`, `cpu/int4.c`, `cpu/int4_q8.c` and
+`cpu/attention.c`,
 built on first use with the machine's C compiler, with `cpu/program.c`, which runs a recorded list of their calls
 (`cpu_program.py`).
 
@@ -48,8 +49,8 @@ import torch
 from lmforge.errors import ArtifactError
 
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
-SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4_q8.c", "attention.c",
-                                                     "program.c"))
+SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4.c", "int4_q8.c",
+                                                     "attention.c", "program.c"))
 HEADERS = (SOURCE.with_name("bf16.h"),)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")  # products rounded as PyTorch rounds them
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
@@ -66,7 +67,7 @@ GLU_DTYPES = (torch.bfloat16, torch.float32)
 def int4_activations() -> str:
     """`LMFORGE_INT4_ACT`: "int8" quantizes the activations of an int4 decode GEMV (up to Q8_MAX_ROWS
     rows) to int8 per 32 columns and multiplies in integers (int4_q8.c); "float" (the default) keeps them in their dtype
-    (gemm_int4 in gemv.c, also what any larger batch and a CPU without AVX512-VNNI use)."""
+    (gemm_int4 in int4.c, also what any larger batch and a CPU without AVX512-VNNI use)."""
     value = os.environ.get("LMFORGE_INT4_ACT", "float")
     if value not in INT4_ACTIVATIONS:
         raise ArtifactError(f"LMFORGE_INT4_ACT={value!r}: use one of {', '.join(INT4_ACTIVATIONS)}")
