@@ -170,8 +170,9 @@ class Segment:
         key, kv_len = self._layout(args)
         program = self.programs.get(key, False)
         if program is False:
-            program = self._record(key, args) if len(self.programs) < MAX_LAYOUTS else None
-            self.programs[key] = program
+            if len(self.programs) >= MAX_LAYOUTS:  # layouts that keep changing: stop recording them
+                return tuple(self.gm(*args))
+            program = self.programs[key] = self._record(key, args)
         if program is None:
             return tuple(self.gm(*args))
         return tuple(program([a for a in args if isinstance(a, torch.Tensor)], kv_len))

@@ -116,3 +116,14 @@ def test_step_split_times_the_programs(artifacts):
     split = step_split(eng, context=8, repeats=3)
     assert split.matmul_s > 0 and split.attention_s > 0
     assert split.matmul_s + split.attention_s + split.other_s == pytest.approx(split.step_s)
+
+
+def test_layouts_past_the_bound_are_not_recorded(artifacts, monkeypatch):
+    """A segment records at most MAX_LAYOUTS input layouts (here 2: batches 1 and 2); batch 3 runs node by node."""
+    monkeypatch.setattr(lean_step, "MAX_LAYOUTS", 2)
+    eng = lmforge.load(artifacts("llama", "bfloat16"))
+    for batch in (1, 2, 3):
+        lean, bound = lean_and_bound(eng, random_ids(batch, 4), steps=2)
+        assert torch.equal(lean, bound)
+    (segment,) = lean_step.segments(eng.lean_step()[0])
+    assert len(segment.programs) == 2 and all(p is not None for p in segment.programs.values())
