@@ -49,3 +49,15 @@ def test_int4_cpu_bench_smoke():
     rows = [line.split("|")[1:-1] for line in result.stdout.splitlines() if line.startswith(("| smollm", "| llama-1b"))]
     assert len(rows) == 7
     assert all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("peers_cpu.py", [], "give --llama-bench and --gguf"),
+    ("peers_cpu.py", ["--llama-bench", "x", "--gguf", "q5_k=/x.gguf"], "precisions among f32, bf16, q4_0, q8_0"),
+    ("prefill_cpu.py", ["--prompt-lens", "0"], "--prompt-lens must be positive"),
+    ("decode_cpu.py", ["--dtypes", "float16"], "--dtypes takes float32, bfloat16"),
+])
+def test_cpu_bench_scripts_refuse_bad_flags(script, args, message):
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                            timeout=120, cwd=ROOT)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
