@@ -494,8 +494,9 @@ int gemm_int4(const void *x, int64_t ldx, int f32, const uint8_t *qw, const floa
     char *buf = aligned_alloc(64, copy_bytes * copies + work_bytes * (size_t)threads);
     if (!buf) return -2;
     /* with few rows of x, each thread takes one contiguous block of weight rows (a multiple of 4 of them);
-       with more, tiles of INT4_TILE rows are reused from cache across all rows of x */
-    int64_t tile = own_copy ? ((N + threads - 1) / threads + 3) / 4 * 4 : INT4_TILE;
+       with more, tiles of INT4_TILE rows are reused from cache across all rows of x (int4_tile_dot takes no
+       more than INT4_TILE rows, whatever M is) */
+    int64_t tile = own_copy && !tiled ? ((N + threads - 1) / threads + 3) / 4 * 4 : INT4_TILE;
     int64_t tiles = (N + tile - 1) / tile;
 #pragma omp parallel num_threads(threads)
     {
