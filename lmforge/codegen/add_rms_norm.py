@@ -31,10 +31,15 @@ def reference(x, residual, weight, eps: float, out_dtype: torch.dtype, cast_befo
     return norm.reference(s, weight, eps, out_dtype, cast_before_weight), s
 
 
+def _kernel_takes(x, residual, weight, out_dtype, cast_before_weight) -> bool:
+    """Does `cpu/norm.c`'s add_rms_norm_rows compute this call? The norm's rows, and a residual laid out like x."""
+    return (norm.kernel_takes(x, weight, out_dtype, cast_before_weight) and residual.dtype == x.dtype
+            and residual.shape == x.shape)
+
+
 def _add_rms_norm_cpu(x, residual, weight, eps, out_dtype, cast_before_weight=False):
     kernel = cpu_gemv.kernel()
-    if (kernel is not None and norm.kernel_takes(x, weight, out_dtype, cast_before_weight)
-            and residual.dtype == x.dtype and residual.shape == x.shape):
+    if kernel is not None and _kernel_takes(x, residual, weight, out_dtype, cast_before_weight):
         return kernel.add_rms_norm(x, residual, weight, eps)
     return reference(x, residual, weight, eps, out_dtype, cast_before_weight)
 
@@ -42,8 +47,7 @@ def _add_rms_norm_cpu(x, residual, weight, eps, out_dtype, cast_before_weight=Fa
 def _record_add_rms_norm(b, x, residual, weight, eps, out_dtype, cast_before_weight=False):
     """The norm.c call `_add_rms_norm_cpu` makes, for a step program (`cpu_program.py`): returns (y, s)."""
     a, r = b.rows(x), b.rows(residual)
-    if (a is None or r is None or not norm.kernel_takes(x, weight, out_dtype, cast_before_weight)
-            or residual.dtype != x.dtype or residual.shape != x.shape):
+    if a is None or r is None or not _kernel_takes(x, residual, weight, out_dtype, cast_before_weight):
         return None
     y, s = b.out(x.shape, x.dtype), b.out(x.shape, x.dtype)
     b.call("add_rms_norm", (x, residual, weight, y, s), (x.dtype == torch.bfloat16, a[1], r[1], a[0], x.shape[-1]), (eps,))

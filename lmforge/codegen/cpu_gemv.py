@@ -266,6 +266,10 @@ class Kernel:
             raise ValueError(f"gemv: {M} rows of x, the kernel takes 1..{MAX_ROWS}")
         return y
 
+    def int4_q8_for(self, rows: int) -> bool:
+        """Does an int4 call with `rows` rows of x run int4_q8.c (int8 activations) rather than gemm_int4?"""
+        return self.int8_activations and rows <= Q8_MAX_ROWS
+
     def int4(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
              group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
         """`linear(x, w, bias)` with w (N, K) stored as int4 codes, for any number of rows of x:
@@ -285,7 +289,7 @@ class Kernel:
                 x2 = x2.contiguous()
             M, ldx = x2.shape[0], x2.stride(0)
         y = x.new_empty((*x.shape[:-1], N))
-        fn = self._int4_q8 if self.int8_activations and M <= Q8_MAX_ROWS else self._int4
+        fn = self._int4_q8 if self.int4_q8_for(M) else self._int4
         err = fn(x2.data_ptr(), ldx, x.dtype == torch.float32, qweight.data_ptr(), scales.data_ptr(),
                          None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
                          y.data_ptr(), N, M, N, K, group_size, torch.get_num_threads())

@@ -59,14 +59,19 @@ def _same(gate: torch.Tensor, up: torch.Tensor) -> bool:
     return gate.shape == up.shape and gate.dtype == up.dtype and gate.numel() > 0
 
 
+def _cpu_kernel_takes(gate, up, act: str) -> bool:
+    """Does `cpu/gemv.c`'s GLU compute this call? Decode-sized CPU rows of one shape in bfloat16 or float32."""
+    return (gate.device.type == "cpu" and gate.dtype in cpu_gemv.GLU_DTYPES and act in cpu_gemv.GLU_ACTS
+            and _same(gate, up) and gate.numel() <= KERNEL_MAX_ROWS * gate.shape[-1])
+
+
 def glu_impl(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     _check_act(act)
     if use_triton(gate) and _same(gate, up) and gate.dtype in _KERNEL_DTYPES:
         from lmforge.codegen.kernels import glu as kernels
 
         return kernels.glu(gate, up, act)
-    if (gate.device.type == "cpu" and gate.dtype in cpu_gemv.GLU_DTYPES and act in cpu_gemv.GLU_ACTS and _same(gate, up)
-            and gate.numel() <= KERNEL_MAX_ROWS * gate.shape[-1]):
+    if _cpu_kernel_takes(gate, up, act):
         kernel = cpu_gemv.kernel()
         if kernel is not None:
             return kernel.glu(gate, up, act)
@@ -76,8 +81,7 @@ def glu_impl(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
 def _record_glu(b, gate, up, act: str):
     """The CPU kernel call `glu_impl` makes, for a step program (`cpu_program.py`)."""
     g, u = b.rows(gate), b.rows(up)
-    if (g is None or u is None or gate.dtype not in cpu_gemv.GLU_DTYPES or act not in cpu_gemv.GLU_ACTS or not _same(gate, up)
-            or gate.numel() > KERNEL_MAX_ROWS * gate.shape[-1]):
+    if g is None or u is None or not _cpu_kernel_takes(gate, up, act):
         return None
     K = gate.shape[-1]
     y = b.out(gate.shape, gate.dtype)

@@ -79,7 +79,7 @@ def _record_int4(b, x, qweight, scales, zeros, group_size: int, bias=None):
         return None
     (M, ldx), N, K = rows, qweight.shape[0], qweight.shape[1] * 2
     y = b.out((*x.shape[:-1], N), x.dtype)
-    kind = "int4_q8" if b.kernel.int8_activations and M <= cpu_gemv.Q8_MAX_ROWS else "int4"
+    kind = "int4_q8" if b.kernel.int4_q8_for(M) else "int4"
     b.call(kind, (x, qweight, scales, zeros, bias, y), (ldx, x.dtype == torch.float32, N, M, N, K, group_size, b.threads))
     return y
 
