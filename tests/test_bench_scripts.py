@@ -4,6 +4,7 @@ under Triton's interpreter, must print its table with small errors against SDPA.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +52,24 @@ def test_int4_cpu_bench_smoke():
     assert all(float(r[1]) > 0 and float(r[3]) > 0 for r in rows)
 
 
+def test_peers_cpu_bench_runs_onnxruntime_genai():
+    """bench/peers_cpu.py with an onnxruntime-genai row (where the `peers` extra is installed): its builder makes the
+    model from the same weights and the table has its row beside lmforge's int4 rows."""
+    pytest.importorskip("onnxruntime_genai")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "peers_cpu.py"), "--ort-genai", "int4-b32",
+                             "--rounds", "1"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {cells[1]: cells for cells in (re.split(r"\s{2,}", line) for line in result.stdout.splitlines())
+            if cells[0] == "q4_0"}
+    assert set(rows) == {"onnxruntime-genai int4-b32", "lmforge int4", "lmforge int4 (+lm_head)"}, result.stdout
+    assert float(rows["onnxruntime-genai int4-b32"][2]) > 0
+
+
 @pytest.mark.parametrize("script, args, message", [
-    ("peers_cpu.py", [], "give --llama-bench and --gguf"),
+    ("peers_cpu.py", [], "give --gguf, --ort-genai"),
     ("peers_cpu.py", ["--llama-bench", "x", "--gguf", "q5_k=/x.gguf"], "precisions among f32, bf16, q4_0, q8_0"),
+    ("peers_cpu.py", ["--gguf", "f32=/x.gguf"], "give --llama-bench and --gguf with precisions among"),
+    ("peers_cpu.py", ["--ort-genai", "int8"], "--ort-genai (among fp32, int4-b32, int4-b64)"),
     ("prefill_cpu.py", ["--prompt-lens", "0"], "--prompt-lens must be positive"),
     ("decode_cpu.py", ["--dtypes", "float16"], "--dtypes takes float32, bfloat16"),
 ])
