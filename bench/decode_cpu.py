@@ -12,7 +12,7 @@ machine conditions:
 
     tokens/s      = N / seconds
     bytes/step    = weight bytes (each parameter once, tied embeddings once; for lmforge, the weights as
-                    the engine holds them: packed int4 plus its float32 scales and zero points)
+                    the engine holds them: packed int4 plus its scales and zero points, bfloat16 in a bfloat16 engine)
                     + KV-cache bytes per token * (P + N / 2)          (the mean context of a decode step)
     GB/s          = bytes/step * tokens/s, the read rate the run achieved
     bandwidth %   = GB/s over the memory read bandwidth, the best of its measures at the start of the run and

@@ -8,10 +8,11 @@ hold), so the weights stream from memory as in a decode step; the two kernels ru
 and each one's best round counts:
 
     us      = seconds per call (Python's call overhead included: what the engine pays)
-    GB/s    = (packed codes + float32 scales and zeros) / seconds
+    GB/s    = (packed codes + scales and zeros, bfloat16 or float32 per --scales) / seconds
     speedup = float path's time / int8 path's time
 
-Run (from the repository root): python bench/int4_cpu.py [--rows 1] [--rounds 5] [--copies 16] [--threads N]
+Run (from the repository root): python bench/int4_cpu.py [--rows 1] [--rounds 5] [--copies 16] [--scales bfloat16]
+                                [--threads N]
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ SHAPES = {  # name: (N, K, group size)
 }
 
 
-def weights(N: int, K: int, G: int, copies: int, gen: torch.Generator):
+def weights(N: int, K: int, G: int, copies: int, gen: torch.Generator, dtype: torch.dtype):
     return [(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen),
-             torch.rand(N, K // G, generator=gen) * 0.05 + 0.01, torch.rand(N, K // G, generator=gen) * 15)
-            for _ in range(copies)]
+             (torch.rand(N, K // G, generator=gen) * 0.05 + 0.01).to(dtype),
+             (torch.rand(N, K // G, generator=gen) * 15).to(dtype)) for _ in range(copies)]
 
 
 def main() -> None:
@@ -43,6 +44,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=1, help=f"rows of x, 1..{cpu_gemv.Q8_MAX_ROWS} (default 1)")
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds; best counts (default 5)")
     p.add_argument("--copies", type=int, default=16, help="distinct weight copies cycled per round (default 16)")
+    p.add_argument("--scales", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="the scales' and zero points' dtype (default bfloat16, what a bfloat16 engine holds)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = p.parse_args()
     if not 1 <= args.rows <= cpu_gemv.Q8_MAX_ROWS or args.rounds < 1 or args.copies < 1:
@@ -59,9 +62,9 @@ def main() -> None:
     print("| shape (N, K, group) | float us | float GB/s | int8 us | int8 GB/s | speedup |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (N, K, G) in SHAPES.items():
-        ws = weights(N, K, G, args.copies, gen)
+        ws = weights(N, K, G, args.copies, gen, getattr(torch, args.scales))
         x = torch.randn(args.rows, K, generator=gen).bfloat16()
-        nbytes = N * K // 2 + 2 * N * (K // G) * 4
+        nbytes = N * K // 2 + 2 * N * (K // G) * (2 if args.scales == "bfloat16" else 4)
         best = {True: float("inf"), False: float("inf")}
         for r in range(args.rounds + 1):  # round 0 warms up
             for int8 in (False, True):

@@ -58,6 +58,7 @@ Q8_MAX_ROWS = 8  # Q8_MAX_ROWS in int4_q8.c
 INT4_ACTIVATIONS = ("int8", "float")  # LMFORGE_INT4_ACT: what an int4 decode GEMV multiplies the codes with
 ATTN_MAX_HEAD_DIM = 512  # in attention.c
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes gemm_int4 takes
+INT4_SCALE_DTYPES = (torch.float32, torch.bfloat16)  # its scales and zero points: both one of these
 _INT4_X_DTYPES = (torch.bfloat16, torch.float32)
 GEMV_DTYPES = (torch.bfloat16, torch.float32)  # gemv_bf16 (gemv.c), gemv_f32 (gemv_f32.c)
 GLU_ACTS = ("silu", "gelu_tanh")  # the activations glu_*_bf16 and glu_*_f32 in gemv.c compute
@@ -151,8 +152,8 @@ class Kernel:
                 self._glu[act, dtype] = glu
         q4 = self.lib.gemm_int4
         q4.restype = ctypes.c_int
-        q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 5 + \
-            [ctypes.c_int64] * 5 + [ctypes.c_int]
+        q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 3 + [ctypes.c_int] + \
+            [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int]
         self._int4 = q4
         q8 = self.lib.gemv_int4_q8
         q8.restype = ctypes.c_int
@@ -278,7 +279,7 @@ class Kernel:
             q[n, 2j] = qweight[n, j] & 15,  q[n, 2j + 1] = qweight[n, j] >> 4
 
         x (..., K) bfloat16 or float32; qweight (N, K // 2) uint8; scales, zeros (N, K // group_size)
-        float32, zeros None meaning 8; bias (N,) in x's dtype. Accumulates in float32 and returns y
+        both float32 or both bfloat16, zeros None meaning 8; bias (N,) in x's dtype. Accumulates in float32 and returns y
         (..., N) in x's dtype. The caller checks `supports_int4(...)` first (this is the hot path)."""
         N, K = qweight.shape[0], qweight.shape[1] * 2
         if x.is_contiguous():  # the common case, without the cost of a reshape
@@ -291,8 +292,8 @@ class Kernel:
         y = x.new_empty((*x.shape[:-1], N))
         fn = self._int4_q8 if self.int4_q8_for(M) else self._int4
         err = fn(x2.data_ptr(), ldx, x.dtype == torch.float32, qweight.data_ptr(), scales.data_ptr(),
-                         None if zeros is None else zeros.data_ptr(), None if bias is None else bias.data_ptr(),
-                         y.data_ptr(), N, M, N, K, group_size, torch.get_num_threads())
+                 None if zeros is None else zeros.data_ptr(), scales.dtype == torch.bfloat16,
+                 None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K, group_size, torch.get_num_threads())
         if err == -1:
             raise ValueError(f"gemm_int4: group_size must be one of {INT4_GROUP_SIZES} and divide K, got "
                              f"{group_size=} {K=}")
@@ -315,7 +316,8 @@ def supports_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
                   group_size: int, bias: torch.Tensor | None = None) -> bool:
     """Can `Kernel.int4` compute this call? CPU tensors; x bfloat16 or float32 with K = 2 * qweight.shape[1]
     columns; qweight (N, K // 2) uint8 contiguous; group_size in INT4_GROUP_SIZES dividing K; scales (and
-    zeros unless None) (N, K // group_size) float32 contiguous; bias None or (N,) in x's dtype, contiguous."""
+    zeros unless None) (N, K // group_size) contiguous, both float32 or both bfloat16 (INT4_SCALE_DTYPES); bias None
+    or (N,) in x's dtype, contiguous."""
     if not (x.dtype in _INT4_X_DTYPES and qweight.dtype == torch.uint8 and qweight.dim() == 2 and x.dim() >= 1
             and group_size in INT4_GROUP_SIZES and qweight.is_contiguous() and scales is not None):
         return False
@@ -323,9 +325,10 @@ def supports_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     if x.shape[-1] != K or K == 0 or K % group_size != 0 or not x.is_cpu or not qweight.is_cpu:
         return False
     groups = (N, K // group_size)
+    if scales.dtype not in INT4_SCALE_DTYPES:
+        return False
     for t in (scales, zeros):
-        if t is not None and not (t.dtype == torch.float32 and t.shape == groups and t.is_contiguous()
-                                  and t.is_cpu):
+        if t is not None and not (t.dtype == scales.dtype and t.shape == groups and t.is_contiguous() and t.is_cpu):
             return False
     return bias is None or (bias.dtype == x.dtype and bias.shape == (N,) and bias.is_contiguous()
                             and bias.is_cpu)

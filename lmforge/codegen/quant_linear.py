@@ -11,8 +11,8 @@
 Implementations, by device and `LMFORGE_KERNELS` (`codegen/dispatch.py`):
 - reference (PyTorch, any device): dequantize the weight and multiply in float32 (fp8: on the quantized
   activations, so the numbers are exactly the kernels' up to summation order);
-- CPU: int4 through lmforge's C kernel (`cpu_gemv.Kernel.int4`) once the runtime has given the layer
-  float32 scales and zeros (`runtime/layout.py` does that at load); fp8 through the reference;
+- CPU: int4 through lmforge's C kernel (`cpu_gemv.Kernel.int4`), with scales and zeros in float32 or bfloat16
+  (`_prepare_int4` widens others at load); fp8 through the reference;
 - CUDA: int4 through the Triton kernels (`codegen/kernels/quant.py`); fp8 through `torch._scaled_mm` with
   row-wise scales where the GPU has fp8 tensor cores (compute capability 8.9+), else the Triton kernel.
 """
@@ -80,7 +80,8 @@ def _record_int4(b, x, qweight, scales, zeros, group_size: int, bias=None):
     (M, ldx), N, K = rows, qweight.shape[0], qweight.shape[1] * 2
     y = b.out((*x.shape[:-1], N), x.dtype)
     kind = "int4_q8" if b.kernel.int4_q8_for(M) else "int4"
-    b.call(kind, (x, qweight, scales, zeros, bias, y), (ldx, x.dtype == torch.float32, N, M, N, K, group_size, b.threads))
+    b.call(kind, (x, qweight, scales, zeros, bias, y),
+           (ldx, x.dtype == torch.float32, N, M, N, K, group_size, b.threads, scales.dtype == torch.bfloat16))
     return y
 
 
@@ -165,23 +166,27 @@ def _prepare_int4(ir, node, device) -> bool:
     """Give an int4 layer the layout its kernel on `device` reads.
 
     The artifact stores int4 scales and zero points in the compute dtype. lmforge's CPU kernel reads them as
-    float32, so for a CPU engine with that kernel they are widened once, at load (exactly: every bfloat16 or
-    float16 value is a float32 value), instead of on every call. The Triton kernels read the stored layout.
+    float32 or bfloat16 (`cpu_gemv.INT4_SCALE_DTYPES`: bfloat16 ones are half the bytes a decode step streams
+    beside the codes), so for a CPU engine with that kernel other dtypes (float16) are widened to float32 once, at
+    load (exactly: every float16 value is a float32 value), instead of on every call. The Triton kernels read the
+    stored layout.
     """
-    if device.type != "cpu" or not cpu_gemv.available():
+    if device.type != "cpu" or not cpu_gemv.available() or node.args[2] is None:
         return False
+    stored = ir.weight(node.args[2].target).dtype
+    dtype = stored if stored in cpu_gemv.INT4_SCALE_DTYPES else torch.float32
     args = list(node.args)
     for i in (2, 3):  # scales, zeros
         get = args[i]
-        if get is None or ir.weight(get.target).dtype == torch.float32:
+        if get is None or ir.weight(get.target).dtype == dtype:
             continue
-        wide = f"{get.target}_f32"  # one float32 copy however many layers read the tensor
+        wide = f"{get.target}_{str(dtype).removeprefix('torch.')}"  # one copy however many layers read the tensor
         if not hasattr(ir.gm, wide):
-            ir.set_weight(wide, ir.weight(get.target).float(), source_name=ir.weight_names.get(get.target),
+            ir.set_weight(wide, ir.weight(get.target).to(dtype), source_name=ir.weight_names.get(get.target),
                           kind=ir.weight_kind(get.target))
         with ir.graph.inserting_before(node):
             args[i] = ir.graph.get_attr(wide)
-        args[i].meta["spec"] = replace(get.meta["spec"], dtype=torch.float32)
+        args[i].meta["spec"] = replace(get.meta["spec"], dtype=dtype)
     if args == list(node.args):
         return False
     node.args = tuple(args)

@@ -60,8 +60,8 @@ class OpFacts:
     # the weight is a linear layer's: (x position, [(weight position, out axis, in axis or None, unit)],
     # bias position); unit is "col", "byte" (two columns a byte) or "group" (group_size columns)
     linear: Callable[[fx.Node], "LinearForm"] | None = None
-    # load time: fit the node's inputs to what its kernel on `device` reads (int4 on the CPU widens its scales
-    # to float32); (ir, node, device) -> whether it changed anything. Run by the load pass `prepare-kernels`.
+    # load time: fit the node's inputs to what its kernel on `device` reads (int4 on the CPU widens float16
+    # scales to float32); (ir, node, device) -> whether it changed anything. Run by the load pass `prepare-kernels`.
     prepare: Callable[[object, fx.Node, object], bool] | None = None  # (GraphIR, node, torch.device)
     # the lean decode step of a CPU engine: (cpu_program.Builder, *the node's args) -> its output Ref(s), having
     # appended the kernel call `cpu` would make for arguments laid out so, or None where `cpu` would not call

@@ -3,8 +3,8 @@
     retarget{device=cuda:0}         point the graph's tensor creations (`arange(..., device=cpu)`) at the device
     fuse-linears                    linear layers reading one input become one (q/k/v, gate/up: `fuse_linears.py`)
     weight-layout{layout=gemv}      store linear weights the way this machine multiplies fastest (`layout.py`)
-    prepare-kernels{device=cpu}     each op's `OpFacts.prepare` hook: fit its inputs to its kernel (int4 widens its
-                                    scales and zero points to float32 for the CPU kernel)
+    prepare-kernels{device=cpu}     each op's `OpFacts.prepare` hook: fit its inputs to its kernel (int4 widens
+                                    float16 scales and zero points to float32 for the CPU kernel)
     fuse-qkv-attention              the ops from the fused q/k/v projection to the attention output become one
                                     (CPU; `fuse_qkv_attention.py`)
     bind-cpu-kernels{device=cpu}    point lmforge:: op nodes at their CPU implementations (`bind.py`)

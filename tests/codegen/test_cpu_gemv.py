@@ -103,12 +103,12 @@ def int4_reference(x, qweight, scales, zeros, group_size, bias):
     return want, bound
 
 
-def int4_inputs(M, N, K, group_size, dtype, zeros, bias, lead=(), seed=0):
+def int4_inputs(M, N, K, group_size, dtype, zeros, bias, lead=(), seed=0, scale_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(*lead, M, K + 5, generator=gen) + 0.1).to(dtype)[..., :K]  # rows with a stride
     qweight = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen)
-    scales = torch.rand(N, K // group_size, generator=gen) * 0.05 + 0.01
-    zeros = torch.rand(N, K // group_size, generator=gen) * 15 if zeros else None
+    scales = (torch.rand(N, K // group_size, generator=gen) * 0.05 + 0.01).to(scale_dtype)
+    zeros = (torch.rand(N, K // group_size, generator=gen) * 15).to(scale_dtype) if zeros else None
     b = torch.randn(N, generator=gen).to(dtype) if bias else None
     return x, qweight, scales, zeros, b
 
@@ -128,9 +128,10 @@ def assert_int4_close(y, x, qweight, scales, zeros, group_size, b):
 @pytest.mark.parametrize("N,K,group_size", [(37, 576, 64), (5, 64, 32), (37, 96, 32), (5, 576, 32),
                                             (37, 256, 128), (8, 576, 64), (5, 160, 32), (37, 224, 32)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_int4_matches_float64(kernel, M, N, K, group_size, dtype):
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int4_matches_float64(kernel, M, N, K, group_size, dtype, scale_dtype):
     for zeros, bias in ((True, False), (False, True)):
-        args = int4_inputs(M, N, K, group_size, dtype, zeros, bias, seed=M * 1000 + N + K)
+        args = int4_inputs(M, N, K, group_size, dtype, zeros, bias, seed=M * 1000 + N + K, scale_dtype=scale_dtype)
         x, qweight, scales, zp, b = args
         assert cpu_gemv.supports_int4(x, qweight, scales, zp, group_size, b)
         assert_int4_close(kernel.int4(x, qweight, scales, zp, group_size, b), x, qweight, scales, zp, group_size, b)
@@ -162,7 +163,9 @@ def test_int4_refusals(kernel):
     assert cpu_gemv.supports_int4(x.float(), qweight, scales, None, 64, b.float())
     assert not cpu_gemv.supports_int4(x.half(), qweight, scales, zp, 64)  # x neither bfloat16 nor float32
     assert not cpu_gemv.supports_int4(x, qweight.to(torch.int8), scales, zp, 64)  # codes must be uint8
-    assert not cpu_gemv.supports_int4(x, qweight, scales.bfloat16(), zp, 64)  # scales float32, converted at load
+    assert cpu_gemv.supports_int4(x, qweight, scales.bfloat16(), zp.bfloat16(), 64, b)  # or both bfloat16
+    assert not cpu_gemv.supports_int4(x, qweight, scales.bfloat16(), zp, 64)  # scales and zeros in one dtype
+    assert not cpu_gemv.supports_int4(x, qweight, scales.half(), None, 64)  # float16: widened at load
     assert not cpu_gemv.supports_int4(x, qweight, None, zp, 64)  # scales are required (zeros are optional)
     assert not cpu_gemv.supports_int4(x, qweight, scales, zp.double(), 64)
     assert not cpu_gemv.supports_int4(x, qweight, scales, zp, 64, b.float())  # bias in x's dtype

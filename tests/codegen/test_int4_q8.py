@@ -49,9 +49,11 @@ def unpacked(qweight, scales, zeros, group_size) -> torch.Tensor:
 @pytest.mark.parametrize("N,K,group_size", [(37, 576, 64), (5, 64, 32), (37, 96, 32), (9, 160, 32),
                                             (37, 256, 128), (13, 1536, 256), (4, 224, 32), (3, 512, 64)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_exact_given_the_quantized_activations(kernel, M, N, K, group_size, dtype):
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_exact_given_the_quantized_activations(kernel, M, N, K, group_size, dtype, scale_dtype):
     for zeros, bias in ((True, False), (False, True)):
-        x, qweight, scales, zp, b = int4_inputs(M, N, K, group_size, dtype, zeros, bias, seed=M * 100 + N + K)
+        x, qweight, scales, zp, b = int4_inputs(M, N, K, group_size, dtype, zeros, bias, seed=M * 100 + N + K,
+                                                scale_dtype=scale_dtype)
         y = kernel.int4(x, qweight, scales, zp, group_size, b)
         w = unpacked(qweight, scales, zp, group_size)
         want = quantized_x(x) @ w.T + (0 if b is None else b.double())
@@ -79,9 +81,9 @@ def test_larger_batches_and_refusals_fall_back(kernel):
     x, qweight, scales, zp, b = int4_inputs(cpu_gemv.Q8_MAX_ROWS + 1, 7, 128, 64, torch.float32, True, True)
     want, bound = int4_reference(x, qweight, scales, zp, 64, b)
     assert ((kernel.int4(x, qweight, scales, zp, 64, b).double() - want).abs() <= 1e-6 * want.abs() + 1e-5 * bound).all()
-    assert kernel._int4_q8(x.data_ptr(), 128, 1, qweight.data_ptr(), scales.data_ptr(), zp.data_ptr(), None,
+    assert kernel._int4_q8(x.data_ptr(), 128, 1, qweight.data_ptr(), scales.data_ptr(), zp.data_ptr(), 0, None,
                            x.data_ptr(), 7, cpu_gemv.Q8_MAX_ROWS + 1, 7, 128, 64, 1) == -1
-    assert kernel._int4_q8(x.data_ptr(), 128, 1, qweight.data_ptr(), scales.data_ptr(), zp.data_ptr(), None,
+    assert kernel._int4_q8(x.data_ptr(), 128, 1, qweight.data_ptr(), scales.data_ptr(), zp.data_ptr(), 0, None,
                            x.data_ptr(), 7, 1, 7, 128, 48, 1) == -1  # not a supported group size
 
 

@@ -200,15 +200,30 @@ def int4_artifact(tmp_path_factory):
 
 
 @pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build the CPU kernel")
-def test_prepare_kernels_widens_int4_scales(int4_artifact):
-    """On the CPU, prepare-kernels gives every int4 layer float32 scales and zero points (the kernel's
-    layout; the old bfloat16 copies are dropped) and says so in its stats; the logits stay what the
-    unprepared graph computes, up to bfloat16 rounding."""
-    ir, plain = _graph(int4_artifact), _graph(int4_artifact)
+def test_prepare_kernels_keeps_bfloat16_int4_scales(int4_artifact):
+    """The CPU kernel reads bfloat16 scales and zero points as they are stored: prepare-kernels leaves them."""
+    ir = _graph(int4_artifact)
+    PassManager("prepare-kernels,bind-cpu-kernels").run(ir, properties=LOADED)
+    step = next(h for h in ir.history if h["pass"] == "prepare-kernels")
+    assert "prepared-int4_linear" not in step["stats"]
+    nodes = [n for n in ir.graph.nodes if n.target is int4_linear_impl]
+    assert len(nodes) == len(ir.quantization["layers"]) > 0
+    assert all(n.args[i].meta["spec"].dtype == torch.bfloat16 == ir.weight(n.args[i].target).dtype
+               for n in nodes for i in (2, 3))
+
+
+@pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler to build the CPU kernel")
+def test_prepare_kernels_widens_float16_int4_scales(tmp_path):
+    """float16 scales and zero points, which the CPU kernel does not read, become float32 at load (the old
+    copies are dropped) and prepare-kernels says so in its stats; the logits stay what the unprepared graph
+    computes, up to float16 rounding."""
+    art = lmforge.optimize(make_model("llama"), tmp_path / "art", max_seq_len=64, dtype="float16", quant="int4",
+                           group_size=32).path
+    ir, plain = _graph(art), _graph(art)
     layers = ir.quantization["layers"]
     nodes = [n for n in ir.graph.nodes if n.target is int4_linear]
     assert len(nodes) == len(layers) > 0
-    assert all(n.args[i].meta["spec"].dtype == torch.bfloat16 for n in nodes for i in (2, 3))
+    assert all(n.args[i].meta["spec"].dtype == torch.float16 for n in nodes for i in (2, 3))
     names = {ir.weight_names[n.args[i].target] for n in nodes for i in (2, 3)}
     PassManager("prepare-kernels,bind-cpu-kernels").run(ir, properties=LOADED)  # the CPU's steps, unfused
     step = next(h for h in ir.history if h["pass"] == "prepare-kernels")
@@ -219,7 +234,7 @@ def test_prepare_kernels_widens_int4_scales(int4_artifact):
         for i in (2, 3):
             assert node.args[i].meta["spec"].dtype == torch.float32 == ir.weight(node.args[i].target).dtype
     assert {ir.weight_names[n.args[i].target] for n in nodes for i in (2, 3)} == names
-    assert not any(t.dtype == torch.bfloat16 and ir.weight_names[a] in names for a, t in ir.weights().items())
+    assert not any(t.dtype == torch.float16 and ir.weight_names[a] in names for a, t in ir.weights().items())
     ids = random_ids(1, 7)
     got, want = run_chunks(ir, ids, [7]).float(), run_chunks(plain, ids, [7]).float()
     assert (got - want).abs().max() <= 0.005 * want.abs().max(), (got - want).abs().max()

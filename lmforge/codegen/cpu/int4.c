@@ -2,8 +2,8 @@
  *
  *   x       (M, K) bfloat16 or float32 (`f32`), row stride ldx      any M; decode is M = 1..8
  *   qw      (N, K / 2) uint8, contiguous    byte j of row n: column 2j in its low nibble, 2j + 1 in its high one
- *   scales  (N, K / G) float32, contiguous
- *   zeros   (N, K / G) float32, contiguous, or NULL: every zero point is 8
+ *   scales  (N, K / G) float32, or bfloat16 (`sz_bf16`), contiguous
+ *   zeros   (N, K / G) as scales, or NULL: every zero point is 8
  *   b       (N,) in x's dtype, or NULL
  *   y       (M, N) in x's dtype, row stride ldy
  *
@@ -51,8 +51,9 @@ typedef struct {
     const uint16_t *xb;  /* dot path: (M, Kp) bfloat16 x in the order of int4_prepare, zero-padded */
     const float *xs;     /* (M, K / G) sums of x over each group */
     const uint8_t *qw;
-    const float *scales;
-    const float *zeros;
+    const void *scales;  /* float32, or bfloat16 where sz_bf16 */
+    const void *zeros;
+    int sz_bf16;
     int64_t K, Kp, G;    /* Kp: K rounded up to INT4_CHUNK */
     const void *b;       /* (N,) in x's dtype, or NULL */
     void *y;             /* (M, N) in x's dtype, row stride ldy */
@@ -73,11 +74,16 @@ static inline void int4_prefetch_next(const int4_args *a, int64_t n, int R, int6
  * too thin for the hardware prefetcher), and a decode GEMV at K = 576 streamed 18-24 GB/s instead of 26-36.
  * Prefetching 2, 8 or 16 blocks ahead measured the same. */
 static inline void int4_prefetch_groups(const int4_args *a, int64_t n, int R) {
-    const int64_t groups = a->K / a->G, ahead = (n + 4 * R) * groups;
-    for (int64_t off = 0; off < R * groups; off += 16) {
-        __builtin_prefetch(a->scales + ahead + off);
-        if (a->zeros) __builtin_prefetch(a->zeros + ahead + off);
+    const int64_t size = a->sz_bf16 ? 2 : 4, groups = a->K / a->G, ahead = (n + 4 * R) * groups * size;
+    for (int64_t off = 0; off < R * groups * size; off += 64) {
+        __builtin_prefetch((const char *)a->scales + ahead + off);
+        if (a->zeros) __builtin_prefetch((const char *)a->zeros + ahead + off);
     }
+}
+
+/* scales[at] or zeros[at] (`t`) as float32 */
+static inline float int4_sz(const int4_args *a, const void *t, int64_t at) {
+    return a->sz_bf16 ? bf16_to_f32(((const uint16_t *)t)[at]) : ((const float *)t)[at];
 }
 
 /* y[m, n] = v + b[n], rounded to y's dtype */
@@ -91,14 +97,21 @@ static inline void int4_store(const int4_args *a, int64_t m, int64_t n, float v)
 }
 
 #if defined(__AVX512F__)
+/* scales or zeros (`t`) at .. at + 15, the lanes of `live` (others 0), as float32 */
+static inline __m512 int4_sz16(const int4_args *a, const void *t, int64_t at, __mmask16 live) {
+    if (!a->sz_bf16) return _mm512_maskz_loadu_ps(live, (const float *)t + at);
+    __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)t + at);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 /* sum_g scales[n, g] * (zeros[n, g] + offset) * xs[m, g], as a vector to be summed, 16 groups at a time */
 static inline __m512 int4_zero_term(const int4_args *a, int64_t n, int64_t m, float offset) {
     const int64_t groups = a->K / a->G;
     __m512 acc = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g += 16) {
         __mmask16 live = groups - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (groups - g)) - 1);
-        __m512 z = a->zeros ? _mm512_maskz_loadu_ps(live, a->zeros + n * groups + g) : _mm512_set1_ps(8.0f);
-        __m512 sz = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, a->scales + n * groups + g),
+        __m512 z = a->zeros ? int4_sz16(a, a->zeros, n * groups + g, live) : _mm512_set1_ps(8.0f);
+        __m512 sz = _mm512_mul_ps(int4_sz16(a, a->scales, n * groups + g, live),
                                   _mm512_add_ps(z, _mm512_set1_ps(offset)));
         acc = _mm512_fmadd_ps(sz, _mm512_maskz_loadu_ps(live, a->xs + m * groups + g), acc);
     }
@@ -137,7 +150,7 @@ static inline __attribute__((always_inline)) void int4_rows(const int4_args *a, 
                 }
             }
             for (int r = 0; r < R; r++) {
-                __m512 s = _mm512_set1_ps(a->scales[(n + r) * groups + g]);
+                __m512 s = _mm512_set1_ps(int4_sz(a, a->scales, (n + r) * groups + g));
                 for (int m = 0; m < M; m++)
                     tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[r][m], hi_acc[r][m]), s, tot[r][m]);
             }
@@ -176,8 +189,8 @@ static inline __attribute__((always_inline)) void int4_rows(const int4_args *a, 
             }
             for (int r = 0; r < R; r++) {
                 int64_t at = (n + r) * groups + g;
-                __m256 s = _mm256_set1_ps(a->scales[at]);
-                float sz = a->scales[at] * (a->zeros ? a->zeros[at] : 8.0f);
+                __m256 s = _mm256_set1_ps(int4_sz(a, a->scales, at));
+                float sz = int4_sz(a, a->scales, at) * (a->zeros ? int4_sz(a, a->zeros, at) : 8.0f);
                 for (int m = 0; m < M; m++) {
                     tot[r][m] = _mm256_fmadd_ps(_mm256_add_ps(lo_acc[r][m], hi_acc[r][m]), s, tot[r][m]);
                     zterm[r][m] += sz * a->xs[(m0 + m) * groups + g];
@@ -210,7 +223,8 @@ static inline __attribute__((always_inline)) void int4_rows(const int4_args *a, 
                         dot += (float)(q[j] & 15) * xv[c] + (float)(q[j] >> 4) * xv[c + 16];
                     }
                     int64_t at = (n + r) * groups + g;
-                    acc += a->scales[at] * (dot - (a->zeros ? a->zeros[at] : 8.0f) * a->xs[(m0 + m) * groups + g]);
+                    acc += int4_sz(a, a->scales, at) *
+                           (dot - (a->zeros ? int4_sz(a, a->zeros, at) : 8.0f) * a->xs[(m0 + m) * groups + g]);
                 }
                 int4_store(a, m0 + m, n + r, acc);
             }
@@ -277,9 +291,9 @@ static inline __attribute__((always_inline)) void int4_rows_dot(const int4_args 
                 int4_prefetch_next(a, n, R, k0 / INT4_CHUNK * R + r);
                 __m512bh w[4];
                 INT4_CODES(w, _mm512_maskz_loadu_epi32(lanes, a->qw + (n + r) * (K / 2) + k0 / 2), 512);
-                const float *sc = a->scales + (n + r) * groups + (k0 >> log2_g);
-                __m512 s = G >= INT4_CHUNK ? _mm512_set1_ps(*sc)
-                                           : _mm512_permutexvar_ps(lane_group, _mm512_maskz_loadu_ps(chunk_groups, sc));
+                const int64_t sc = (n + r) * groups + (k0 >> log2_g);
+                __m512 s = G >= INT4_CHUNK ? _mm512_set1_ps(int4_sz(a, a->scales, sc))
+                                           : _mm512_permutexvar_ps(lane_group, int4_sz16(a, a->scales, sc, chunk_groups));
                 for (int m = 0; m < M; m++)
                     tot[r][m] = _mm512_fmadd_ps(int4_dot512(w, xb + m * Kp + k0), s, tot[r][m]);
             }
@@ -290,9 +304,9 @@ static inline __attribute__((always_inline)) void int4_rows_dot(const int4_args 
                 int4_prefetch_next(a, n, R, wide_end / INT4_CHUNK * R + r);
                 __m256bh w[4];
                 INT4_CODES(w, _mm256_maskz_loadu_epi32(tail_lanes, a->qw + (n + r) * (K / 2) + wide_end / 2), 256);
-                const float *sc = a->scales + (n + r) * groups + (wide_end >> log2_g);
+                const int64_t sc = (n + r) * groups + (wide_end >> log2_g);
                 __m256 s = _mm256_permutexvar_ps(_mm512_castsi512_si256(lane_group),
-                                                 _mm256_maskz_loadu_ps(tail_groups, sc));
+                                                 _mm512_castps512_ps256(int4_sz16(a, a->scales, sc, tail_groups)));
                 for (int m = 0; m < M; m++) {  /* xb is zero beyond K */
                     __m256 part = _mm256_mul_ps(int4_dot256(w, xb + m * Kp + wide_end), s);
                     tot[r][m] = _mm512_mask_add_ps(tot[r][m], 0xff, tot[r][m], _mm512_castps256_ps512(part));
@@ -350,9 +364,9 @@ static void int4_tile_dot(const int4_args *a, const uint16_t *x, int64_t ldx, in
     for (int64_t g = 0; g < groups; g++)
         for (int r = 0; r < 16; r++) {
             int64_t at = (n0 + r) * groups + g;
-            float s = r < rows ? a->scales[at] : 0.0f;
+            float s = r < rows ? int4_sz(a, a->scales, at) : 0.0f;
             st[g * 16 + r] = s;
-            szt[g * 16 + r] = s * ((r < rows && a->zeros ? a->zeros[at] : 8.0f) + 16.0f);
+            szt[g * 16 + r] = s * ((r < rows && a->zeros ? int4_sz(a, a->zeros, at) : 8.0f) + 16.0f);
         }
     const __mmask16 live = (__mmask16)((1u << rows) - 1);
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
@@ -491,8 +505,8 @@ static void int4_prepare(const void *x, int64_t ldx, int f32, int64_t m, const i
 }
 
 /* Returns 0; -1 when K or G is out of range; -2 when the copy of x cannot be allocated. */
-int gemm_int4(const void *x, int64_t ldx, int f32, const uint8_t *qw, const float *scales, const float *zeros,
-              const void *b, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+int gemm_int4(const void *x, int64_t ldx, int f32, const uint8_t *qw, const void *scales, const void *zeros,
+              int sz_bf16, const void *b, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
     if (!(G == 32 || G == 64 || G == 128 || G == 256) || K <= 0 || K % G != 0 || M < 0 || N < 0) return -1;
     if (M == 0 || N == 0) return 0;
     if (threads < 1) threads = 1;
@@ -522,7 +536,7 @@ int gemm_int4(const void *x, int64_t ldx, int f32, const uint8_t *qw, const floa
         float *xs = (float *)(copy + x_bytes);
         float *xd = dot || tiled ? NULL : (float *)copy;
         uint16_t *xb = dot && !tiled ? (uint16_t *)copy : NULL;
-        int4_args a = {xd, xb, xs, qw, scales, zeros, K, Kp, G, b, y, ldy, f32};
+        int4_args a = {xd, xb, xs, qw, scales, zeros, sz_bf16, K, Kp, G, b, y, ldy, f32};
         if (own_copy) {
             for (int64_t m = 0; m < M; m++) int4_prepare(x, ldx, f32, m, &a, xd, xb, xs);
         } else {

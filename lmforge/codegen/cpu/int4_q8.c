@@ -2,8 +2,8 @@
  *
  *   x       (M, K) bfloat16 or float32 (`f32`), row stride ldx      M <= Q8_MAX_ROWS (decode)
  *   qw      (N, K / 2) uint8, contiguous    byte j of row n: column 2j in its low nibble, 2j + 1 in its high one
- *   scales  (N, K / G) float32, contiguous
- *   zeros   (N, K / G) float32, contiguous, or NULL: every zero point is 8
+ *   scales  (N, K / G) float32, or bfloat16 (`sz_bf16`), contiguous
+ *   zeros   (N, K / G) as scales, or NULL: every zero point is 8
  *   b       (N,) in x's dtype, or NULL
  *   y       (M, N) in x's dtype, row stride ldy
  *
@@ -48,7 +48,8 @@ typedef struct {
     const float *xsv;    /* (M, C, 16) the block scale of each int32 lane of a chunk's dot */
     const float *xz;     /* (M, K / G) sum over the group of sx[b] * sum_{k in b} xq[k] */
     const uint8_t *qw;
-    const float *scales, *zeros;
+    const void *scales, *zeros;  /* float32, or bfloat16 where sz_bf16 */
+    int sz_bf16;
     int64_t K, G, C;     /* C: chunks per row, K rounded up to 64 */
     int gshift;          /* log2 G */
     const void *b;
@@ -56,6 +57,11 @@ typedef struct {
     int64_t ldy;
     int f32;
 } q8_args;
+
+/* scales[at] or zeros[at] (`t`) as float32 */
+static inline float q8_sz(const q8_args *a, const void *t, int64_t at) {
+    return a->sz_bf16 ? bf16_to_f32(((const uint16_t *)t)[at]) : ((const float *)t)[at];
+}
 
 static inline __m512 q8_load16(const void *row, int64_t k, int f32) {
     if (f32) return _mm512_loadu_ps((const float *)row + k);
@@ -135,15 +141,16 @@ static inline __attribute__((always_inline)) void q8_rows(const q8_args *a, int6
             __m512i codes = _mm512_inserti64x4(_mm512_castsi256_si512(w), _mm256_srli_epi16(w, 4), 1);
             codes = _mm512_and_si512(codes, nib);
             __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xv);
-            const float *sc = a->scales + (n + r) * groups;
+            const int64_t sc = (n + r) * groups;
             if (per_group == 0) {  /* G = 32 */
                 const int64_t g1 = k0 + Q8_BLOCK < K ? g0 + 1 : g0;
-                __m512 ws = _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(sc[g0]), _mm512_set1_ps(sc[g1]));
+                __m512 ws = _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(q8_sz(a, a->scales, sc + g0)),
+                                                 _mm512_set1_ps(q8_sz(a, a->scales, sc + g1)));
                 tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, ws), tot[r]);
             } else {
                 part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, part[r]);
                 if (group_end) {
-                    tot[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(sc[g0]), tot[r]);
+                    tot[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(q8_sz(a, a->scales, sc + g0)), tot[r]);
                     part[r] = _mm512_setzero_ps();
                 }
             }
@@ -151,9 +158,10 @@ static inline __attribute__((always_inline)) void q8_rows(const q8_args *a, int6
     }
     const float *xz = a->xz + m * groups;
     for (int r = 0; r < R; r++) {
-        const float *sc = a->scales + (n + r) * groups, *zp = a->zeros ? a->zeros + (n + r) * groups : NULL;
+        const int64_t sc = (n + r) * groups;
         float zt = 0.0f;
-        for (int64_t g = 0; g < groups; g++) zt += sc[g] * (zp ? zp[g] : 8.0f) * xz[g];
+        for (int64_t g = 0; g < groups; g++)
+            zt += q8_sz(a, a->scales, sc + g) * (a->zeros ? q8_sz(a, a->zeros, sc + g) : 8.0f) * xz[g];
         q8_store(a, m, n + r, _mm512_reduce_add_ps(tot[r]) - zt);
     }
 }
@@ -161,8 +169,8 @@ static inline __attribute__((always_inline)) void q8_rows(const q8_args *a, int6
 
 /* Returns 0; -1 when K, G or M is out of range; -2 when the copy of x cannot be allocated; -3 when this build
  * lacks AVX512-VNNI. */
-int gemv_int4_q8(const void *x, int64_t ldx, int f32, const uint8_t *qw, const float *scales, const float *zeros,
-                 const void *b, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
+int gemv_int4_q8(const void *x, int64_t ldx, int f32, const uint8_t *qw, const void *scales, const void *zeros,
+                 int sz_bf16, const void *b, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int threads) {
 #if Q8_ISA
     if (!(G == 32 || G == 64 || G == 128 || G == 256) || K <= 0 || K % G != 0 || M < 0 || M > Q8_MAX_ROWS || N < 0)
         return -1;
@@ -176,7 +184,7 @@ int gemv_int4_q8(const void *x, int64_t ldx, int f32, const uint8_t *qw, const f
     if (!buf) return -2;
     int8_t *xq = (int8_t *)buf;
     float *xsv = (float *)(buf + xq_bytes), *xz = (float *)(buf + xq_bytes + sv_bytes);
-    q8_args a = {xq, xsv, xz, qw, scales, zeros, K, G, C, __builtin_ctzll((unsigned long long)G), b, y, ldy, f32};
+    q8_args a = {xq, xsv, xz, qw, scales, zeros, sz_bf16, K, G, C, __builtin_ctzll((unsigned long long)G), b, y, ldy, f32};
     for (int64_t m = 0; m < M; m++) q8_prepare(x, ldx, m, &a, xq, xsv, xz);
     /* contiguous blocks of weight rows, a multiple of 4 each */
     const int64_t block = ((N + threads - 1) / threads + 3) / 4 * 4;
@@ -199,7 +207,7 @@ int gemv_int4_q8(const void *x, int64_t ldx, int f32, const uint8_t *qw, const f
     free(buf);
     return 0;
 #else
-    (void)x; (void)ldx; (void)f32; (void)qw; (void)scales; (void)zeros; (void)b; (void)y; (void)ldy;
+    (void)x; (void)ldx; (void)f32; (void)qw; (void)scales; (void)zeros; (void)sz_bf16; (void)b; (void)y; (void)ldy;
     (void)M; (void)N; (void)K; (void)G; (void)threads;
     return -3;
 #endif

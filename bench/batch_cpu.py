@@ -1,0 +1,103 @@
+"""Batched greedy decode on the CPU: lmforge bfloat16 beside lmforge int4 at batch 1-16, runs interleaved.
+
+What it measures: the SmolLM-135M-shaped Llama of `decode_cpu.py` (or `--model llama-1b`; random weights, seed 0),
+optimized to bfloat16, to int4 (lmforge's default groups) and to int4 with the lm_head in int4 too. For each
+batch size B, `generate` on B random prompts of P tokens makes N new tokens; one decode step is
+
+    step ms   = (seconds of generate(N new) - seconds of generate(1 new)) / (N - 1)
+    tokens/s  = B / step seconds (decode only, prefill excluded)
+    int4/bf16 = bf16 step time / int4 step time (issue 13's goal: never below 1.00x at batch 4 and 16)
+
+Each round times every engine at every batch size once (best of 2 runs each); the best over `--rounds` counts.
+
+Run (from the repository root):
+
+    python bench/batch_cpu.py [--model smollm-135m|llama-1b] [--batches 1,4,8,16] [--new-tokens 16]
+                              [--prompt-len 32] [--rounds 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import lmforge
+
+sys.path.insert(0, str(Path(__file__).parent))
+from decode_cpu import SHAPES, build_model, cpu_model  # noqa: E402
+
+ENGINES = {"bf16": (None, None), "int4": ("int4", None), "int4 (+lm_head)": ("int4", [])}  # label: (quant, skip)
+
+
+def step_seconds(eng, ids: torch.Tensor, new_tokens: int) -> float:
+    """One decode step of a batch, from two generate calls (best of 2 each)."""
+    t1 = tn = float("inf")
+    for _ in range(2):
+        start = time.perf_counter()
+        eng.generate(ids, max_new_tokens=1)
+        t1 = min(t1, time.perf_counter() - start)
+        start = time.perf_counter()
+        eng.generate(ids, max_new_tokens=new_tokens)
+        tn = min(tn, time.perf_counter() - start)
+    return max(tn - t1, 1e-9) / (new_tokens - 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(SHAPES), default="smollm-135m", help="the model's shape (default smollm-135m)")
+    p.add_argument("--batches", default="1,4,8,16", help="batch sizes, comma-separated (default 1,4,8,16)")
+    p.add_argument("--new-tokens", type=int, default=16, help="tokens generated per run (default 16)")
+    p.add_argument("--prompt-len", type=int, default=32, help="random prompt length (default 32)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = p.parse_args()
+    try:
+        batches = [int(b) for b in args.batches.split(",") if b.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1 or args.new_tokens < 2 or args.prompt_len < 1 or args.rounds < 1:
+        p.error("--batches takes positive integers; --new-tokens >= 2; --prompt-len and --rounds >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = build_model(args.model)
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = {b: torch.randint(0, vocab, (b, args.prompt_len), generator=gen) for b in batches}
+    best: dict[tuple[str, int], float] = {}
+    with tempfile.TemporaryDirectory(prefix="lmforge-batch-") as work:
+        engines = {}
+        for label, (quant, skip) in ENGINES.items():
+            out = Path(work) / label.replace(" ", "_").replace("(", "").replace(")", "")
+            lmforge.optimize(model, output_dir=out, dtype="bfloat16", quant=quant, skip=skip,
+                             max_seq_len=args.prompt_len + args.new_tokens)
+            engines[label] = lmforge.load(out)
+            engines[label].generate(prompts[batches[0]], max_new_tokens=2)  # warm-up, kernels built
+        for _ in range(args.rounds):
+            for b in batches:
+                for label, eng in engines.items():
+                    seconds = step_seconds(eng, prompts[b], args.new_tokens)
+                    best[label, b] = min(best.get((label, b), float("inf")), seconds)
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {args.model}  {cpu_model()}  {torch.get_num_threads()} threads  "
+          f"torch {torch.__version__}  (prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.rounds} "
+          "interleaved rounds)")
+    head = ("batch", *(f"{label} step ms" for label in ENGINES), *(f"{label} tok/s" for label in ENGINES),
+            *(f"{label}/bf16" for label in list(ENGINES)[1:]))
+    lines = [head]
+    for b in batches:
+        steps = [best[label, b] for label in ENGINES]
+        lines.append((str(b), *(f"{s * 1e3:.2f}" for s in steps), *(f"{b / s:.0f}" for s in steps),
+                      *(f"{steps[0] / s:.2f}x" for s in steps[1:])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for k, line in enumerate(lines):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+if __name__ == "__main__":
+    main()
