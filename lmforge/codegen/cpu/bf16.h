@@ -1,4 +1,4 @@
-/* bfloat16 <-> float32, shared by the CPU kernels (gemv.c, int4_q8.c, norm.c, attention.c). */
+/* bfloat16 <-> float32, shared by the CPU kernels (gemv.c, int4.c, int4_q8.c, norm.c, attention.c). */
 #ifndef LMFORGE_BF16_H
 #define LMFORGE_BF16_H
 #include <stdint.h>
@@ -38,6 +38,13 @@ static inline __m512 elem_load16(const void *p, int64_t i, int bf16) {
     return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
                       _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)((const uint16_t *)p + i))), 16))
                 : _mm512_loadu_ps((const float *)p + i);
+}
+
+/* the same for the lanes of `live` only (the others 0, their memory not read) */
+static inline __m512 elem_maskz_load16(__mmask16 live, const void *p, int64_t i, int bf16) {
+    return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                      _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, (const uint16_t *)p + i)), 16))
+                : _mm512_maskz_loadu_ps(live, (const float *)p + i);
 }
 #endif
 

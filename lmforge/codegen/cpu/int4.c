@@ -81,11 +81,6 @@ static inline void int4_prefetch_groups(const int4_args *a, int64_t n, int R) {
     }
 }
 
-/* scales[at] or zeros[at] (`t`) as float32 */
-static inline float int4_sz(const int4_args *a, const void *t, int64_t at) {
-    return a->sz_bf16 ? bf16_to_f32(((const uint16_t *)t)[at]) : ((const float *)t)[at];
-}
-
 /* y[m, n] = v + b[n], rounded to y's dtype */
 static inline void int4_store(const int4_args *a, int64_t m, int64_t n, float v) {
     if (a->f32) {
@@ -97,13 +92,6 @@ static inline void int4_store(const int4_args *a, int64_t m, int64_t n, float v)
 }
 
 #if defined(__AVX512F__)
-/* scales or zeros (`t`) at .. at + 15, the lanes of `live` (others 0), as float32 */
-static inline __m512 int4_sz16(const int4_args *a, const void *t, int64_t at, __mmask16 live) {
-    if (!a->sz_bf16) return _mm512_maskz_loadu_ps(live, (const float *)t + at);
-    __m256i h = _mm256_maskz_loadu_epi16(live, (const uint16_t *)t + at);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* tot[m] -= sum_g scales[n, g] * (zeros[n, g] + offset) * xs[m0 + m, g] for m < M, as vectors still to be
  * summed, 16 groups at a time: the products of scales and zero points are made once for all M rows of x (made
  * per row of x, they cost a decode GEMV at K = 576 a third of its time at M = 4). The row kernels take it before
@@ -114,8 +102,9 @@ static inline __attribute__((always_inline)) void int4_sub_zero_terms(const int4
     const int64_t groups = a->K / a->G;
     for (int64_t g = 0; g < groups; g += 16) {
         __mmask16 live = groups - g >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (groups - g)) - 1);
-        __m512 z = a->zeros ? int4_sz16(a, a->zeros, n * groups + g, live) : _mm512_set1_ps(8.0f);
-        __m512 sz = _mm512_mul_ps(int4_sz16(a, a->scales, n * groups + g, live),
+        const int64_t at = n * groups + g;
+        __m512 z = a->zeros ? elem_maskz_load16(live, a->zeros, at, a->sz_bf16) : _mm512_set1_ps(8.0f);
+        __m512 sz = _mm512_mul_ps(elem_maskz_load16(live, a->scales, at, a->sz_bf16),
                                   _mm512_add_ps(z, _mm512_set1_ps(offset)));
         for (int m = 0; m < M; m++)
             tot[m] = _mm512_fnmadd_ps(sz, _mm512_maskz_loadu_ps(live, a->xs + (m0 + m) * groups + g), tot[m]);
@@ -156,7 +145,7 @@ static inline __attribute__((always_inline)) void int4_rows(const int4_args *a, 
                 }
             }
             for (int r = 0; r < R; r++) {
-                __m512 s = _mm512_set1_ps(int4_sz(a, a->scales, (n + r) * groups + g));
+                __m512 s = _mm512_set1_ps(elem_load(a->scales, (n + r) * groups + g, a->sz_bf16));
                 for (int m = 0; m < M; m++)
                     tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(lo_acc[r][m], hi_acc[r][m]), s, tot[r][m]);
             }
@@ -197,8 +186,9 @@ static inline __attribute__((always_inline)) void int4_rows(const int4_args *a, 
             }
             for (int r = 0; r < R; r++) {
                 int64_t at = (n + r) * groups + g;
-                __m256 s = _mm256_set1_ps(int4_sz(a, a->scales, at));
-                float sz = int4_sz(a, a->scales, at) * (a->zeros ? int4_sz(a, a->zeros, at) : 8.0f);
+                const float sc = elem_load(a->scales, at, a->sz_bf16);
+                __m256 s = _mm256_set1_ps(sc);
+                float sz = sc * (a->zeros ? elem_load(a->zeros, at, a->sz_bf16) : 8.0f);
                 for (int m = 0; m < M; m++) {
                     tot[r][m] = _mm256_fmadd_ps(_mm256_add_ps(lo_acc[r][m], hi_acc[r][m]), s, tot[r][m]);
                     zterm[r][m] += sz * a->xs[(m0 + m) * groups + g];
@@ -231,8 +221,8 @@ static inline __attribute__((always_inline)) void int4_rows(const int4_args *a, 
                         dot += (float)(q[j] & 15) * xv[c] + (float)(q[j] >> 4) * xv[c + 16];
                     }
                     int64_t at = (n + r) * groups + g;
-                    acc += int4_sz(a, a->scales, at) *
-                           (dot - (a->zeros ? int4_sz(a, a->zeros, at) : 8.0f) * a->xs[(m0 + m) * groups + g]);
+                    const float z = a->zeros ? elem_load(a->zeros, at, a->sz_bf16) : 8.0f;
+                    acc += elem_load(a->scales, at, a->sz_bf16) * (dot - z * a->xs[(m0 + m) * groups + g]);
                 }
                 int4_store(a, m0 + m, n + r, acc);
             }
@@ -302,8 +292,9 @@ static inline __attribute__((always_inline)) void int4_rows_dot(const int4_args 
                 __m512bh w[4];
                 INT4_CODES(w, _mm512_maskz_loadu_epi32(lanes, a->qw + (n + r) * (K / 2) + k0 / 2), 512);
                 const int64_t sc = (n + r) * groups + (k0 >> log2_g);
-                __m512 s = G >= INT4_CHUNK ? _mm512_set1_ps(int4_sz(a, a->scales, sc))
-                                           : _mm512_permutexvar_ps(lane_group, int4_sz16(a, a->scales, sc, chunk_groups));
+                __m512 s = G >= INT4_CHUNK ? _mm512_set1_ps(elem_load(a->scales, sc, a->sz_bf16))
+                                           : elem_maskz_load16(chunk_groups, a->scales, sc, a->sz_bf16);
+                if (G < INT4_CHUNK) s = _mm512_permutexvar_ps(lane_group, s);
                 for (int m = 0; m < M; m++)
                     tot[r][m] = _mm512_fmadd_ps(int4_dot512(w, xb + m * Kp + k0), s, tot[r][m]);
             }
@@ -316,7 +307,8 @@ static inline __attribute__((always_inline)) void int4_rows_dot(const int4_args 
                 INT4_CODES(w, _mm256_maskz_loadu_epi32(tail_lanes, a->qw + (n + r) * (K / 2) + wide_end / 2), 256);
                 const int64_t sc = (n + r) * groups + (wide_end >> log2_g);
                 __m256 s = _mm256_permutexvar_ps(_mm512_castsi512_si256(lane_group),
-                                                 _mm512_castps512_ps256(int4_sz16(a, a->scales, sc, tail_groups)));
+                                                 _mm512_castps512_ps256(
+                                                     elem_maskz_load16(tail_groups, a->scales, sc, a->sz_bf16)));
                 for (int m = 0; m < M; m++) {  /* xb is zero beyond K */
                     __m256 part = _mm256_mul_ps(int4_dot256(w, xb + m * Kp + wide_end), s);
                     tot[r][m] = _mm512_mask_add_ps(tot[r][m], 0xff, tot[r][m], _mm512_castps256_ps512(part));
@@ -376,9 +368,9 @@ static void int4_tile_dot(const int4_args *a, const uint16_t *x, int64_t ldx, in
     for (int64_t g = 0; g < groups; g++)
         for (int r = 0; r < 16; r++) {
             int64_t at = (n0 + r) * groups + g;
-            float s = r < rows ? int4_sz(a, a->scales, at) : 0.0f;
+            float s = r < rows ? elem_load(a->scales, at, a->sz_bf16) : 0.0f;
             st[g * 16 + r] = s;
-            szt[g * 16 + r] = s * ((r < rows && a->zeros ? int4_sz(a, a->zeros, at) : 8.0f) + 16.0f);
+            szt[g * 16 + r] = s * ((r < rows && a->zeros ? elem_load(a->zeros, at, a->sz_bf16) : 8.0f) + 16.0f);
         }
     const __mmask16 live = (__mmask16)((1u << rows) - 1);
     for (int64_t m0 = 0; m0 < M; m0 += 8) {
@@ -454,10 +446,6 @@ static void int4_block(const int4_args *a, int64_t n0, int64_t n1, int64_t m0, i
     if (split < n1) fns[0][M - 1](a, split, n1, m0);
 }
 
-static inline float int4_x(const void *x, int64_t at, int f32) {
-    return f32 ? ((const float *)x)[at] : bf16_to_f32(((const uint16_t *)x)[at]);
-}
-
 #if INT4_DOT
 /* One row of bfloat16 x in xb's order (below), 128 columns at a time: destination vector j of a chunk takes
  * columns 8 (e / 2) + j + 4 (e % 2), e = 0..31, from the chunk's four source vectors in two two-source
@@ -498,7 +486,7 @@ static void int4_prepare(const void *x, int64_t ldx, int f32, int64_t m, const i
         xs[m * (K / G) + g] = _mm512_reduce_add_ps(acc);
 #else
         float s = 0.0f;
-        for (int64_t k = g * G; k < (g + 1) * G; k++) s += int4_x(x, m * ldx + k, f32);
+        for (int64_t k = g * G; k < (g + 1) * G; k++) s += elem_load(x, m * ldx + k, !f32);
         xs[m * (K / G) + g] = s;
 #endif
     }
@@ -512,7 +500,7 @@ static void int4_prepare(const void *x, int64_t ldx, int f32, int64_t m, const i
 #endif
     } else if (xd) {
         for (int64_t k = 0; k < K; k++)
-            xd[m * K + (k & ~(int64_t)31) + (k & 1) * 16 + (k & 31) / 2] = int4_x(x, m * ldx + k, f32);
+            xd[m * K + (k & ~(int64_t)31) + (k & 1) * 16 + (k & 31) / 2] = elem_load(x, m * ldx + k, !f32);
     }
 }
 

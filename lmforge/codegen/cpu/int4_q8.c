@@ -58,17 +58,6 @@ typedef struct {
     int f32;
 } q8_args;
 
-/* scales[at] or zeros[at] (`t`) as float32 */
-static inline float q8_sz(const q8_args *a, const void *t, int64_t at) {
-    return a->sz_bf16 ? bf16_to_f32(((const uint16_t *)t)[at]) : ((const float *)t)[at];
-}
-
-static inline __m512 q8_load16(const void *row, int64_t k, int f32) {
-    if (f32) return _mm512_loadu_ps((const float *)row + k);
-    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 /* Row m of x into xq, xsv and xz. vpdpbusd's lane i sums bytes 4i .. 4i + 3: lanes 0-3 and 8-11 hold the
  * chunk's first 32 columns (even, then odd), lanes 4-7 and 12-15 its last 32. K is a multiple of 32, so each
  * block of 32 columns is whole or past the end (then zero). */
@@ -86,7 +75,7 @@ static void q8_prepare(const void *x, int64_t ldx, int64_t m, const q8_args *a, 
         __m128i qe = _mm_setzero_si128(), qo = _mm_setzero_si128();
         float s = 0.0f;
         if (k0 < K) {
-            __m512 lo = q8_load16(row, k0, a->f32), hi = q8_load16(row, k0 + 16, a->f32);
+            __m512 lo = elem_load16(row, k0, !a->f32), hi = elem_load16(row, k0 + 16, !a->f32);
             float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, lo), _mm512_andnot_ps(sign, hi)));
             s = amax / 127.0f;
             const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
@@ -144,13 +133,15 @@ static inline __attribute__((always_inline)) void q8_rows(const q8_args *a, int6
             const int64_t sc = (n + r) * groups;
             if (per_group == 0) {  /* G = 32 */
                 const int64_t g1 = k0 + Q8_BLOCK < K ? g0 + 1 : g0;
-                __m512 ws = _mm512_mask_blend_ps((__mmask16)0xF0F0, _mm512_set1_ps(q8_sz(a, a->scales, sc + g0)),
-                                                 _mm512_set1_ps(q8_sz(a, a->scales, sc + g1)));
+                __m512 ws = _mm512_mask_blend_ps((__mmask16)0xF0F0,
+                                                 _mm512_set1_ps(elem_load(a->scales, sc + g0, a->sz_bf16)),
+                                                 _mm512_set1_ps(elem_load(a->scales, sc + g1, a->sz_bf16)));
                 tot[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sv, ws), tot[r]);
             } else {
                 part[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sv, part[r]);
                 if (group_end) {
-                    tot[r] = _mm512_fmadd_ps(part[r], _mm512_set1_ps(q8_sz(a, a->scales, sc + g0)), tot[r]);
+                    const __m512 ws = _mm512_set1_ps(elem_load(a->scales, sc + g0, a->sz_bf16));
+                    tot[r] = _mm512_fmadd_ps(part[r], ws, tot[r]);
                     part[r] = _mm512_setzero_ps();
                 }
             }
@@ -161,7 +152,8 @@ static inline __attribute__((always_inline)) void q8_rows(const q8_args *a, int6
         const int64_t sc = (n + r) * groups;
         float zt = 0.0f;
         for (int64_t g = 0; g < groups; g++)
-            zt += q8_sz(a, a->scales, sc + g) * (a->zeros ? q8_sz(a, a->zeros, sc + g) : 8.0f) * xz[g];
+            zt += elem_load(a->scales, sc + g, a->sz_bf16) * (a->zeros ? elem_load(a->zeros, sc + g, a->sz_bf16) : 8.0f)
+                  * xz[g];
         q8_store(a, m, n + r, _mm512_reduce_add_ps(tot[r]) - zt);
     }
 }
