@@ -72,8 +72,18 @@ def ort_genai_model(hf_dir: Path, name: str, out: Path, threads: int):
     return og.Model(str(out))
 
 
+def best_rates(run, prompt, first) -> tuple[float, float]:
+    """(pp, tg64) tokens/s, each the best of 3, from `run(prompt, new)`, the seconds an engine takes to make `new`
+    tokens after `prompt`: pp = len(prompt) tokens / making 1 after it; tg64 = 64 tokens / (making 65 after the
+    1-token prompt `first`, less making 1 after it)."""
+    pp = t1 = t65 = float("inf")
+    for _ in range(3):
+        pp, t1, t65 = min(pp, run(prompt, 1)), min(t1, run(first, 1)), min(t65, run(first, 65))
+    return len(prompt) / pp, 64 / (t65 - t1)
+
+
 def ort_genai_rates(model, ids: torch.Tensor) -> tuple[float, float]:
-    """(pp32, tg64) tokens/s, each the best of 3, timed as lmforge_rates times lmforge."""
+    """(pp32, tg64) tokens/s (best_rates) of an onnxruntime-genai model."""
     import onnxruntime_genai as og
 
     def run(prompt, new: int) -> float:
@@ -87,10 +97,7 @@ def ort_genai_rates(model, ids: torch.Tensor) -> tuple[float, float]:
         return time.perf_counter() - start
 
     prompt = ids[0].to(torch.int32).numpy()
-    pp = t1 = t65 = float("inf")
-    for _ in range(3):
-        pp, t1, t65 = min(pp, run(prompt, 1)), min(t1, run(prompt[:1], 1)), min(t65, run(prompt[:1], 65))
-    return len(prompt) / pp, 64 / (t65 - t1)
+    return best_rates(run, prompt, prompt[:1])
 
 
 def llama_bench(binary: str, gguf: str, flash: str, threads: int) -> tuple[float, float]:
@@ -102,19 +109,14 @@ def llama_bench(binary: str, gguf: str, flash: str, threads: int) -> tuple[float
 
 
 def lmforge_rates(eng, ids: torch.Tensor) -> tuple[float, float]:
-    """(pp32, tg64) tokens/s, each the best of 3."""
-    pp = t1 = t65 = float("inf")
-    for _ in range(3):
+    """(pp32, tg64) tokens/s (best_rates) of an lmforge engine."""
+
+    def run(prompt: torch.Tensor, new: int) -> float:
         start = time.perf_counter()
-        eng.generate(ids, max_new_tokens=1)
-        pp = min(pp, time.perf_counter() - start)
-        start = time.perf_counter()
-        eng.generate(ids[:, :1], max_new_tokens=1)
-        t1 = min(t1, time.perf_counter() - start)
-        start = time.perf_counter()
-        eng.generate(ids[:, :1], max_new_tokens=65)
-        t65 = min(t65, time.perf_counter() - start)
-    return ids.shape[1] / pp, 64 / (t65 - t1)
+        eng.generate(prompt[None], max_new_tokens=new)
+        return time.perf_counter() - start
+
+    return best_rates(run, ids[0], ids[0, :1])
 
 
 def save_hf(out: Path) -> None:
