@@ -95,10 +95,11 @@ def optimize(
     (default: `lmforge.passes.default_pipeline(dtype, max_seq_len)`; a custom pipeline decides the dtype unless
     `dtype` is given too).
 
-    quant: "int4" (weight-only, group-wise) or "fp8" (e4m3 weights, dynamic per-token activations); with int4,
+    quant: "int4" (weight-only, group-wise), "fp8" (e4m3 weights, dynamic per-token activations) or "int8"
+    (weight-only, one scale per output channel); with int4,
     group_size (32, 64, 128, 256; default: 128, or for a layer whose in_features it does not divide the largest
     that does), symmetric (no zero points) and quant_method ("rtn" or "hqq"). skip: layer
-    globs kept in float (default "lm_head"; pass [] to quantize it too). overrides: {glob: "g32+sym" | "fp8" |
+    globs kept in float (default "lm_head"; pass [] to quantize it too). overrides: {glob: "g32+sym" | "fp8" | "int8" |
     "skip" | ...} per-layer settings, the last match winning (see `lmforge.quant`).
 
     tp: tensor-parallel ranks. With tp > 1 the `shard` pass splits the linear layers between the ranks and the

@@ -1,5 +1,5 @@
-"""The CPU decode kernels: `cpu/gemv.c`, `cpu/gemv_f32.c`, `cpu/norm.c`, `cpu/int4.c`, `cpu/int4_q8.c` and
-`cpu/attention.c`,
+"""The CPU decode kernels: `cpu/gemv.c`, `cpu/gemv_f32.c`, `cpu/norm.c`, `cpu/int4.c`, `cpu/int4_q8.c`,
+`cpu/int8.c` and `cpu/attention.c`,
 built on first use with the machine's C compiler, with `cpu/program.c`, which runs a recorded list of their calls
 (`cpu_program.py`).
 
@@ -16,6 +16,9 @@ built on first use with the machine's C compiler, with `cpu/program.c`, which ru
                                          scales and zeros (N, K // group_size) float32 (zeros None: all 8);
                                          with `LMFORGE_INT4_ACT=int8` (`int4_activations()`), calls of up to
                                          Q8_MAX_ROWS rows quantize x to int8 per 32 columns (int4_q8.c)
+    kernel().int8(x, qweight, scales, bias=None) -> y
+                                         x (..., K) bfloat16 or float32, any number of rows; qweight (N, K) int8,
+                                         scales (N,) float32: y = scales * (x @ qweight^T) + bias (int8.c)
     kernel().attention(q, k, v, k_cache, v_cache, mask, scale, window) -> out
     kernel().qkv_attention(qkv, cos, sin, k_cache, v_cache, mask, q_heads, kv_heads, head_dim, v_head_dim, scale,
                            window) -> out
@@ -50,7 +53,7 @@ from lmforge.errors import ArtifactError
 
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
 SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4.c", "int4_q8.c",
-                                                     "attention.c", "program.c"))
+                                                     "int8.c", "attention.c", "program.c"))
 HEADERS = (SOURCE.with_name("bf16.h"), SOURCE.with_name("vmath.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")  # products rounded as PyTorch rounds them
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
@@ -59,7 +62,7 @@ INT4_ACTIVATIONS = ("int8", "float")  # LMFORGE_INT4_ACT: what an int4 decode GE
 ATTN_MAX_HEAD_DIM = 512  # in attention.c
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes gemm_int4 takes
 INT4_SCALE_DTYPES = (torch.float32, torch.bfloat16)  # its scales and zero points: both one of these
-_INT4_X_DTYPES = (torch.bfloat16, torch.float32)
+_QUANT_X_DTYPES = (torch.bfloat16, torch.float32)
 GEMV_DTYPES = (torch.bfloat16, torch.float32)  # gemv_bf16 (gemv.c), gemv_f32 (gemv_f32.c)
 GLU_ACTS = ("silu", "gelu_tanh")  # the activations glu_*_bf16 and glu_*_f32 in gemv.c compute
 GLU_DTYPES = (torch.bfloat16, torch.float32)
@@ -159,6 +162,11 @@ class Kernel:
         q8.restype = ctypes.c_int
         q8.argtypes = q4.argtypes
         self._int4_q8 = q8
+        i8 = self.lib.gemm_int8
+        i8.restype = ctypes.c_int
+        i8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + \
+            [ctypes.c_int]
+        self._int8 = i8
         att = self.lib.attention_decode
         att.restype = ctypes.c_int
         att.argtypes = [ctypes.c_int] + ([ctypes.c_void_p] + [ctypes.c_int64] * 2) * 3 + \
@@ -301,6 +309,22 @@ class Kernel:
             raise MemoryError(f"gemm_int4: no memory for its copy of x ({M} x {K})")
         return y
 
+    def int8(self, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear(x, qweight * scales[:, None], bias)` for any number of rows of x (int8.c): x (..., K) bfloat16
+        or float32; qweight (N, K) int8; scales (N,) float32; bias (N,) in x's dtype. Sums in float32 and returns
+        y (..., N) in x's dtype. The caller checks `supports_int8(...)` first (this is the hot path)."""
+        N, K = qweight.shape
+        x2, ldx = _rows(x, K)
+        M = x.numel() // K
+        y = x.new_empty((*x.shape[:-1], N))
+        err = self._int8(x2.data_ptr(), ldx, x.dtype == torch.float32, qweight.data_ptr(), scales.data_ptr(),
+                         None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K, torch.get_num_threads())
+        if err:
+            raise MemoryError(f"gemm_int8: no memory for its copy of x ({M} x {K})") if err == -2 else \
+                ValueError(f"gemm_int8: sizes it does not take ({M=} {N=} {K=})")
+        return y
+
 
 def _rows(t: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
     """`t` (..., K) as rows of K contiguous elements: (tensor, row stride in elements)."""
@@ -318,7 +342,7 @@ def supports_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     columns; qweight (N, K // 2) uint8 contiguous; group_size in INT4_GROUP_SIZES dividing K; scales (and
     zeros unless None) (N, K // group_size) contiguous, both float32 or both bfloat16 (INT4_SCALE_DTYPES); bias None
     or (N,) in x's dtype, contiguous."""
-    if not (x.dtype in _INT4_X_DTYPES and qweight.dtype == torch.uint8 and qweight.dim() == 2 and x.dim() >= 1
+    if not (x.dtype in _QUANT_X_DTYPES and qweight.dtype == torch.uint8 and qweight.dim() == 2 and x.dim() >= 1
             and group_size in INT4_GROUP_SIZES and qweight.is_contiguous() and scales is not None):
         return False
     N, K = qweight.shape[0], qweight.shape[1] * 2
@@ -332,6 +356,21 @@ def supports_int4(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
             return False
     return bias is None or (bias.dtype == x.dtype and bias.shape == (N,) and bias.is_contiguous()
                             and bias.is_cpu)
+
+
+def supports_int8(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                  bias: torch.Tensor | None = None) -> bool:
+    """Can `Kernel.int8` compute this call? CPU tensors; x bfloat16 or float32 (..., K); qweight (N, K) int8
+    contiguous, K > 0; scales (N,) float32 contiguous; bias None or (N,) in x's dtype, contiguous."""
+    if not (x.dtype in _QUANT_X_DTYPES and qweight.dtype == torch.int8 and qweight.dim() == 2 and x.dim() >= 1
+            and qweight.is_contiguous() and x.is_cpu and qweight.is_cpu):
+        return False
+    N, K = qweight.shape
+    if x.shape[-1] != K or K == 0:
+        return False
+    if not (scales.dtype == torch.float32 and scales.shape == (N,) and scales.is_contiguous() and scales.is_cpu):
+        return False
+    return bias is None or (bias.dtype == x.dtype and bias.shape == (N,) and bias.is_contiguous() and bias.is_cpu)
 
 
 def supports_attention(q, k, v, k_cache, v_cache, mask, causal: bool) -> bool:

@@ -7,13 +7,17 @@
     fp8_linear(x, weight, weight_scale, bias=None) -> y
         weight (N, K) float8_e4m3fn;  weight_scale (N,) float32;  x quantized per row at run time
         (`quant/fp8.py`); y (..., N) in x's dtype.
+    int8_linear(x, qweight, scales, bias=None) -> y
+        qweight (N, K) int8;  scales (N,) float32;  W[n, k] = qweight[n, k] * scales[n] (`quant/int8.py`);
+        x as it is (weight-only); y (..., N) in x's dtype.
 
 Implementations, by device and `LMFORGE_KERNELS` (`codegen/dispatch.py`):
 - reference (PyTorch, any device): dequantize the weight and multiply in float32 (fp8: on the quantized
   activations, so the numbers are exactly the kernels' up to summation order);
 - CPU: int4 through lmforge's C kernel (`cpu_gemv.Kernel.int4`), with scales and zeros in float32 or bfloat16
-  (`_prepare_int4` widens others at load); fp8 through the reference;
-- CUDA: int4 through the Triton kernels (`codegen/kernels/quant.py`); fp8 through `torch._scaled_mm` with
+  (`_prepare_int4` widens others at load); int8 through `cpu_gemv.Kernel.int8`; fp8 through the
+  reference;
+- CUDA: int4 and int8 through the Triton kernels (`codegen/kernels/int4.py`, `int8.py`); fp8 through `torch._scaled_mm` with
   row-wise scales where the GPU has fp8 tensor cores (compute capability 8.9+), else the Triton kernel.
 """
 
@@ -32,11 +36,13 @@ from lmforge.ir.verify import same_float_dtype
 from lmforge.quant import fp8 as fp8_math
 from lmforge.quant import handler
 from lmforge.quant import int4 as int4_math
+from lmforge.quant import int8 as int8_math
 
 _lib = torch.library.Library("lmforge", "FRAGMENT")
 _lib.define("int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, int group_size, "
             "Tensor? bias=None) -> Tensor")
 _lib.define("fp8_linear(Tensor x, Tensor weight, Tensor weight_scale, Tensor? bias=None) -> Tensor")
+_lib.define("int8_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? bias=None) -> Tensor")
 
 
 # --- references ------------------------------------------------------------------------------------
@@ -53,6 +59,12 @@ def fp8_reference(x, weight, weight_scale, bias=None):
     y = F.linear(xq.float(), weight.float()) * x_scale * weight_scale.float()
     if bias is not None:
         y = y + bias.float()
+    return y.to(x.dtype)
+
+
+def int8_reference(x, qweight, scales, bias=None):
+    w = int8_math.dequantize(int8_math.Int8Weight(qweight, scales))
+    y = F.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
 
 
@@ -85,6 +97,30 @@ def _record_int4(b, x, qweight, scales, zeros, group_size: int, bias=None):
     return y
 
 
+def int8_linear_impl(x, qweight, scales, bias=None):
+    if use_triton(x):
+        from lmforge.codegen.kernels import int8 as kernels
+
+        y = kernels.int8_matmul(x.reshape(-1, x.shape[-1]), qweight, scales, bias)
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
+    if x.device.type == "cpu":
+        kernel = cpu_gemv.kernel()
+        if kernel is not None and cpu_gemv.supports_int8(x, qweight, scales, bias):
+            return kernel.int8(x, qweight, scales, bias)
+    return int8_reference(x, qweight, scales, bias)
+
+
+def _record_int8(b, x, qweight, scales, bias=None):
+    """The int8 kernel `int8_linear_impl` calls on the CPU, for a step program (`cpu_program.py`)."""
+    rows = b.rows(x)
+    if rows is None or not cpu_gemv.supports_int8(x, qweight, scales, bias):
+        return None
+    (M, ldx), (N, K) = rows, qweight.shape
+    y = b.out((*x.shape[:-1], N), x.dtype)
+    b.call("int8", (x, qweight, scales, bias, y), (ldx, x.dtype == torch.float32, N, M, N, K, b.threads))
+    return y
+
+
 def fp8_linear_impl(x, weight, weight_scale, bias=None):
     if x.device.type == "cuda" and _scaled_mm_ok(x, weight):
         return _fp8_scaled_mm(x, weight, weight_scale, bias)
@@ -114,6 +150,7 @@ def _fp8_scaled_mm(x, weight, weight_scale, bias):  # pragma: no cover - GPU onl
 for _device in ("CPU", "CUDA"):
     _lib.impl("int4_linear", int4_linear_impl, _device)
     _lib.impl("fp8_linear", fp8_linear_impl, _device)
+    _lib.impl("int8_linear", int8_linear_impl, _device)
 
 
 @torch.library.register_fake("lmforge::int4_linear")
@@ -126,8 +163,14 @@ def _fp8_fake(x, weight, weight_scale, bias=None):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.register_fake("lmforge::int8_linear")
+def _int8_fake(x, qweight, scales, bias=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
 int4_linear = torch.ops.lmforge.int4_linear.default
 fp8_linear = torch.ops.lmforge.fp8_linear.default
+int8_linear = torch.ops.lmforge.int8_linear.default
 
 
 # --- what the IR's tools know of them --------------------------------------------------------------------
@@ -154,6 +197,17 @@ def _verify_fp8(node) -> str | None:
         return f"weight is {w.dtype}, expected float8_e4m3fn"
     if scale is not None and (scale.dtype != torch.float32 or w is not None and tuple(scale.shape) != (w.shape[0],)):
         return f"weight_scale is {scale.dtype} {tuple(scale.shape)}, expected float32 (N,)"
+    return same_float_dtype(0, 3)(node)
+
+
+def _verify_int8(node) -> str | None:
+    x, w, scale = (spec_of(a) for a in node.args[:3])
+    if w is not None and (w.dtype != torch.int8 or len(w.shape) != 2):
+        return f"qweight is {w.dtype} of rank {len(w.shape)}, expected 2-D int8"
+    if scale is not None and (scale.dtype != torch.float32 or w is not None and tuple(scale.shape) != (w.shape[0],)):
+        return f"scales are {scale.dtype} {tuple(scale.shape)}, expected float32 (N,)"
+    if x is not None and w is not None and isinstance(w.shape[1], int) and x.shape[-1] != w.shape[1]:
+        return f"input has {x.shape[-1]} features, the weight {w.shape[1]}"
     return same_float_dtype(0, 3)(node)
 
 
@@ -207,4 +261,11 @@ register_op(fp8_linear, OpFacts(
     cost=lambda node: (2 * _numel(node, 1), 0),
     casts=Casts((0, 3), "compute"),  # activations and bias in the compute dtype
     params={1: 1, 2: 0},
+))
+register_op(int8_linear, OpFacts(
+    shard="linear", verify=("int8-linear", _verify_int8), cpu=int8_linear_impl, linear=handler("int8").linear_form,
+    cost=lambda node: (2 * _numel(node, 1), 0),
+    casts=Casts((0, 3), "compute"),  # activations and bias in the compute dtype; the scales stay float32
+    params={1: 1, 2: 0},
+    record=_record_int8,
 ))

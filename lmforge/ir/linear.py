@@ -9,7 +9,7 @@ A linear layer is `y = x @ W.T + b` on a weight W (out_features, in_features) th
     mm(x, A) / matmul(x, A)            A = W.T, as GPT-2's Conv1D holds it
     mm(x, t(W)) / matmul(x, t(W))      W read through a transpose
     addmm(b, x, A) / addmm(b, x, t(W)) the same with a bias (beta = alpha = 1)
-    an lmforge op with `OpFacts.linear` (lmforge.linear, int4_linear, fp8_linear): its own form
+    an lmforge op with `OpFacts.linear` (lmforge.linear, int4_linear, fp8_linear, int8_linear): its own form
 
 `as_linear` says which form a node has, or None; callers add their own conditions (a trained weight, a
 dtype).

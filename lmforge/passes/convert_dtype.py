@@ -5,7 +5,8 @@ become `dtype`; the KV cache becomes `dtype`; then the graph is walked in order 
 inserted where the mix of dtypes needs a decision, by the rules in `_Walker.apply_rules`:
 
 - a matmul against a weight runs in the weight's dtype (the activation is cast down); a quantized one
-  (`lmforge.int4_linear`, `lmforge.fp8_linear`) in the compute dtype, which its scales then have;
+  (`lmforge.int4_linear`, `lmforge.fp8_linear`, `lmforge.int8_linear`) in the compute dtype (int4 scales follow it,
+  fp8 and int8 scales stay float32);
 - a matmul between two activations runs in the wider of their dtypes (so rotary angles stay float32);
 - attention runs in the cache dtype, and cache writes are cast to it;
 - a float32 table computed from weights and positions alone (rotary cos/sin) is cast to the activation's

@@ -1,5 +1,5 @@
 """quantize{scheme=int4,group_size=128,symmetric=false,method=rtn,skip=lm_head,overrides=...}: weight-only
-int4 or fp8 dynamic quantization of the linear layers.
+int4 or int8, or fp8 dynamic quantization of the linear layers.
 
 The rewrite: each linear layer on a trained weight, in whichever ATen form the capture gave it (`ir/linear.py`),
 
@@ -8,7 +8,7 @@ The rewrite: each linear layer on a trained weight, in whichever ATen form the c
     addmm(b, x, t(W)) / mm(x, t(W))       W (N, K) read through a transpose
 
 becomes the layer's scheme's op, e.g. `lmforge.int4_linear(x, qweight, scales, zeros, G, b)` or
-`lmforge.fp8_linear(x, qweight, scales, b)`, on new weights packed by the scheme's handler (`lmforge/quant`;
+`lmforge.fp8_linear(x, qweight, scales, b)` (`lmforge.int8_linear` has the same arguments), on new weights packed by the scheme's handler (`lmforge/quant`;
 the old float weight goes away unless something else, such as a tied embedding, still reads it); the pass
 itself knows no scheme. Which scheme each layer gets comes from `LayerRules`:
 embeddings are never touched, the final projection (`lm_head`) is skipped unless the skip list leaves it
@@ -20,7 +20,7 @@ in the stats by reason and listed, with its reason, in `ir.quantization["kept"]`
 listed with its scheme in `ir.quantization["layers"]`, which the artifact's manifest carries.
 
 Why: a decode step reads every weight once per token, so 4-bit weights move a quarter of the bytes of
-bfloat16 ones (fp8: half) and the matmuls get that much faster where memory bandwidth bounds them. Where:
+bfloat16 ones (fp8 and int8: half) and the matmuls get that much faster where memory bandwidth bounds them. Where:
 after `fuse-attention` and before `convert-dtype`, so the weights are quantized from their float32 values;
 with `dtype` set to convert-dtype's, the int4 scales and zero points are made in that dtype already (and
 the codes chosen against those rounded values), and convert-dtype puts the biases there too.
@@ -53,7 +53,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` may name
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    scheme: str = ""  # int4 or fp8 (required)
+    scheme: str = ""  # int4, fp8 or int8 (required)
     group_size: int = 0  # int4: columns per scale; 0: 128, or per layer the largest that divides in_features
     symmetric: bool = False  # int4: no zero points (q - 8)
     method: str = "rtn"  # int4: rtn (round to nearest) or hqq (calibration-free search of zero points)

@@ -8,10 +8,10 @@ linear layer is), when they all have the same form:
     v = linear(x, Wv, bv)
 
 and so for every form the recognizer gives (`mm(x, A)` on A = W.T concatenates along A's columns) and every
-lmforge op with a linear form (`OpFacts.linear`: the quantized int4_linear and fp8_linear): each weight tensor
-the form names is concatenated along its out axis, and the bias too. Each output feature of a linear layer
-depends only on its own row of every weight tensor (int4's group scales and zero points are per row, so are
-fp8's scales, and fp8 quantizes the activation per token, whatever the weight), so the fused layer computes
+lmforge op with a linear form (`OpFacts.linear`: the quantized int4_linear, fp8_linear and int8_linear): each
+weight tensor the form names is concatenated along its out axis, and the bias too. Each output feature of a linear
+layer depends only on its own row of every weight tensor (int4's group scales and zero points are per row, so are
+fp8's and int8's scales, and fp8 quantizes the activation per token, whatever the weight), so the fused layer computes
 the numbers its members did, up to the summation order of a wider matmul; the pass knows no scheme.
 
 "The same form" is: the same op, the same linear form, weights read straight from get_attrs (no transpose in

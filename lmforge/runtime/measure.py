@@ -130,7 +130,7 @@ class StepSplit:
     microseconds a node, so the share of "other", the many small ops, is an upper bound)."""
 
     step_s: float
-    matmul_s: float  # linear layers of every form (float, int4, fp8)
+    matmul_s: float  # linear layers of every form (float, int4, fp8, int8)
     attention_s: float  # the ops that write the KV cache and attend (lmforge.attention, lmforge.qkv_attention)
     other_s: float  # everything else: norms, rotary, activations, residual adds, views, splits
 

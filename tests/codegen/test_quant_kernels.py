@@ -1,7 +1,7 @@
-"""The Triton int4 and fp8 matmul kernels against float64 references, under TRITON_INTERPRET=1 on the CPU.
+"""The Triton int4, fp8 and int8 matmul kernels against float64 references, under TRITON_INTERPRET=1 on the CPU.
 
 The references are written out in the tests (int4: `tests/conftest.int4_float64`), independently of the
-ops' own (`codegen/quant_linear.py`'s `int4_reference`, `fp8_reference`):
+ops' own (`codegen/quant_linear.py`'s `int4_reference`, `fp8_reference`, `int8_reference`):
 nibbles unpacked with bit ops, group-wise dequantization, products in float64. Random inputs (never zeros),
 odd N, K with several groups and blocks, M on both sides of the GEMV / tiled boundary (16 | 17), split-K
 forced and chosen, zero points absent and fractional, bias and none, and x in float32, bfloat16 and float16.
@@ -17,12 +17,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmforge.codegen.quant_linear import fp8_reference, int4_reference
+from lmforge.codegen.quant_linear import fp8_reference, int4_reference, int8_reference
 from tests.conftest import int4_float64
 
 pytest.importorskip("triton")
 int4_kernels = pytest.importorskip("lmforge.codegen.kernels.int4")
 fp8_kernels = pytest.importorskip("lmforge.codegen.kernels.fp8")
+int8_kernels = pytest.importorskip("lmforge.codegen.kernels.int8")
 split_k = pytest.importorskip("lmforge.codegen.kernels.split_k")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -210,6 +211,47 @@ def test_fp8_reference_function_agrees():
     close(fp8_reference(x, weight, weight_scale, bias), fp8_reference64(x, weight, weight_scale, bias), 1e-5)
 
 
+# --- int8 --------------------------------------------------------------------------------------------
+
+
+def make_int8(M, N, K, dtype, bias: bool, seed=0):
+    g = gen(seed)
+    x = randn(M, K, g=g, dtype=dtype)
+    qweight = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).to(DEVICE)
+    scales = (torch.rand(N, generator=g) * 0.02 + 0.001).to(DEVICE)
+    b = randn(N, g=g, dtype=dtype) if bias else None
+    return x, qweight, scales, b
+
+
+def int8_reference64(x, qweight, scales, bias):
+    w = qweight.cpu().double() * scales.cpu().double()[:, None]
+    return x.cpu().double() @ w.T + (0 if bias is None else bias.cpu().double())
+
+
+@pytest.mark.parametrize("M", [1, 3, 16, 17, 70])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(37, 96), (65, 321), (5, 33)])  # (N, K): K tails of 0, 1 and 1 columns
+def test_int8_matches_reference(M, dtype, shape):
+    N, K = shape
+    x, qweight, scales, bias = make_int8(M, N, K, dtype, bias=M % 2 == 1, seed=M + N + K)
+    close(int8_kernels.int8_matmul(x, qweight, scales, bias), int8_reference64(x, qweight, scales, bias), TOL[dtype])
+
+
+@pytest.mark.parametrize("M,n_splits", [(1, 3), (5, 2), (20, 4)])
+def test_int8_split_k(M, n_splits):
+    x, qweight, scales, bias = make_int8(M, 37, 200, torch.bfloat16, bias=True, seed=M)
+    y = int8_kernels.int8_matmul(x, qweight, scales, bias, n_splits=n_splits)
+    close(y, int8_reference64(x, qweight, scales, bias), TOL[torch.bfloat16])
+
+
+def test_int8_strided_rows_and_reference_function():
+    wide, qweight, scales, bias = make_int8(6, 37, 130, torch.float32, bias=True, seed=4)
+    x = wide[:, :100]  # rows with a stride
+    qweight = qweight[:, :100].contiguous()
+    close(int8_kernels.int8_matmul(x, qweight, scales, bias), int8_reference64(x, qweight, scales, bias), 1e-5)
+    close(int8_reference(x, qweight, scales, bias), int8_reference64(x, qweight, scales, bias), 1e-5)
+
+
 # --- bad input -----------------------------------------------------------------------------------------
 
 
@@ -245,6 +287,18 @@ def test_bad_fp8_inputs_are_named():
         fp8_kernels.fp8_matmul(x[None], weight, weight_scale)
 
 
+def test_bad_int8_inputs_are_named():
+    x, qweight, scales, bias = make_int8(2, 37, 100, torch.float32, bias=True)
+    with pytest.raises(ValueError, match=r"qweight must be \(N, K\) = \(N, 100\) int8"):
+        int8_kernels.int8_matmul(x, qweight[:, :90], scales)
+    with pytest.raises(ValueError, match="qweight must be"):
+        int8_kernels.int8_matmul(x, qweight.view(torch.uint8), scales)
+    with pytest.raises(ValueError, match=r"scales must be float32 \(37,\)"):
+        int8_kernels.int8_matmul(x, qweight, scales.half())
+    with pytest.raises(ValueError, match=r"bias must be a float \(37,\) tensor"):
+        int8_kernels.int8_matmul(x, qweight, scales, bias[:5])
+
+
 # --- the GPU variants compile --------------------------------------------------------------------------
 
 _COMPILE = """
@@ -253,6 +307,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from lmforge.codegen.kernels import fp8 as fp8_kernels
 from lmforge.codegen.kernels import int4 as int4_kernels
+from lmforge.codegen.kernels import int8 as int8_kernels
 
 def build(fn, types, consts, arch, warps=4, stages=3):
     sig = {name: "constexpr" if name in consts else types[name] for name in fn.arg_names}
@@ -272,6 +327,10 @@ for arch, fp8_dot in [(90, True), (80, False)]:
     ptx = build(fp8_kernels._fp8_matmul_kernel.fn, fp8, dict(HAS_BIAS=True, SPLIT=False, FP8_DOT=fp8_dot,
                 UPCAST=False, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), arch, warps=8).asm["ptx"]
     assert ("wgmma" in ptx) == fp8_dot and "div.rn.f32" in ptx
+for x_type, precision in [("*bf16", None), ("*fp32", "ieee")]:
+    int8 = dict(X=x_type, QW="*i8", SCALES="*fp32", BIAS=x_type, Y=x_type, PARTIAL="*fp32", **ints)
+    build(int8_kernels._int8_matmul_kernel.fn, int8, dict(HAS_BIAS=True, SPLIT=False, PRECISION=precision,
+          UPCAST=False, BLOCK_M=64, BLOCK_N=128, BLOCK_K=128, GROUP_M=8), 90)
 print("compiled")
 """
 

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from lmforge.codegen import cpu_gemv
-from lmforge.codegen.quant_linear import fp8_linear, fp8_reference, int4_linear, int4_reference
+from lmforge.codegen.quant_linear import (fp8_linear, fp8_reference, int4_linear, int4_reference, int8_linear,
+                                          int8_reference)
 from lmforge.quant import fp8 as fp8_math
 from lmforge.quant import int4 as int4_math
+from lmforge.quant import int8 as int8_math
 from tests.conftest import int4_float64
 
 
@@ -90,13 +92,58 @@ def test_fp8_reference_is_the_quantized_activation_product():
     assert torch.equal(fp8_linear(xb, p.qdata, p.scale, bb), fp8_reference(xb, p.qdata, p.scale, bb))
 
 
+def _int8_inputs(M=3, N=37, K=96, dtype=torch.float32, bias=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(M, K, generator=gen) + 0.1).to(dtype)
+    p = int8_math.quantize(torch.randn(N, K, generator=gen) * 0.1)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    return x, p.qdata, p.scale, b
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_reference_matches_float64(bias, dtype):
+    x, q, s, b = _int8_inputs(dtype=dtype, bias=bias)
+    y = int8_reference(x, q, s, b)
+    want = x.double() @ (q.double() * s.double()[:, None]).T + (b.double() if bias else 0)
+    assert y.dtype == dtype and y.shape == (3, 37)
+    rel = 1e-5 if dtype == torch.float32 else 2 ** -8
+    assert ((y.double() - want).abs() <= rel * want.abs() + 1e-4).all()
+
+
+@pytest.mark.skipif(not cpu_gemv.available(), reason="no C compiler for the CPU kernel")
+@pytest.mark.parametrize("M", [1, 4, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_op_uses_the_cpu_kernel(M, dtype, monkeypatch):
+    x, q, s, b = _int8_inputs(M=M, K=200, dtype=dtype)
+    calls, original = [], cpu_gemv.Kernel.int8
+    monkeypatch.setattr(cpu_gemv.Kernel, "int8", lambda self, *a: calls.append(1) or original(self, *a))
+    y = int8_linear(x, q, s, b)
+    assert calls, "the op did not use the CPU kernel"
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.float(), int8_reference(x, q, s, b).float(), rtol=tol, atol=tol)
+
+
+def test_int8_op_leading_dims_fallback_and_opcheck():
+    x, q, s, b = _int8_inputs()
+    x3 = x.reshape(3, 1, 96).expand(3, 2, 96).contiguous()
+    y = int8_linear(x3, q, s, b)
+    assert y.shape == (3, 2, 37)
+    torch.testing.assert_close(y[:, 0], int8_reference(x, q, s, b), rtol=1e-5, atol=1e-5)
+    xh, bh = x.half(), b.half()  # float16: no CPU kernel, the reference
+    assert torch.equal(int8_linear(xh, q, s, bh), int8_reference(xh, q, s, bh))
+    torch.library.opcheck(int8_linear, (x3, q, s, b), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(int8_linear, (x, q, s, None), test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="the CPU runs Triton interpreted")
 def test_triton_path_through_the_ops(monkeypatch):
-    """LMFORGE_KERNELS=triton sends the ops to codegen/kernels/int4.py and fp8.py (in the interpreter, on the CPU)."""
-    from lmforge.codegen.kernels import fp8, int4
+    """LMFORGE_KERNELS=triton sends the ops to codegen/kernels/int4.py, fp8.py and int8.py (in the interpreter, on
+    the CPU)."""
+    from lmforge.codegen.kernels import fp8, int4, int8
 
     calls = []
-    for kernels, name in ((int4, "int4_matmul"), (fp8, "fp8_matmul")):
+    for kernels, name in ((int4, "int4_matmul"), (fp8, "fp8_matmul"), (int8, "int8_matmul")):
         original = getattr(kernels, name)
         monkeypatch.setattr(kernels, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     monkeypatch.setenv("LMFORGE_KERNELS", "triton")
@@ -107,4 +154,7 @@ def test_triton_path_through_the_ops(monkeypatch):
     p = fp8_math.quantize(torch.randn(40, 64, generator=torch.Generator().manual_seed(9)))
     torch.testing.assert_close(fp8_linear(x3, p.qdata, p.scale, b)[:, 0], fp8_reference(x, p.qdata, p.scale, b),
                                rtol=1e-4, atol=1e-4)
-    assert calls == ["int4_matmul", "fp8_matmul"]
+    x8, q8, s8, b8 = _int8_inputs(M=2, N=40, K=64)
+    torch.testing.assert_close(int8_linear(x8.reshape(2, 1, 64), q8, s8, b8)[:, 0], int8_reference(x8, q8, s8, b8),
+                               rtol=1e-4, atol=1e-4)
+    assert calls == ["int4_matmul", "fp8_matmul", "int8_matmul"]

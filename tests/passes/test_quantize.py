@@ -1,7 +1,7 @@
-"""quantize: int4 and fp8 rewrites of every linear form, against Hugging Face eager on real architectures.
+"""quantize: int4, fp8 and int8 rewrites of every linear form, against Hugging Face eager on real architectures.
 
 Tight parity is against the same HF model with each quantized layer's weight replaced by what the packed
-tensors stand for (int4: the dequantized weight; fp8: that too, plus the per-token activation rounding,
+tensors stand for (int4 and int8: the dequantized weight; fp8: that too, plus the per-token activation rounding,
 written out here independently of lmforge); loose parity is against the unquantized model.
 """
 
@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from lmforge.codegen.quant_linear import fp8_linear, int4_linear
+from lmforge.codegen.quant_linear import fp8_linear, int4_linear, int8_linear
 from lmforge.errors import PassError
 from lmforge.ir.capture import capture
 from lmforge.ir.printer import format_ir
@@ -100,11 +100,12 @@ def test_int4_matches_dequantized_hf(hf_model, arch):
 
 @pytest.mark.parametrize("options, bound, agree", [("scheme=int4,group_size=32", 0.4, 0.6),
                                                    ("scheme=int4,group_size=32,symmetric=true", 0.45, 0.6),
-                                                   ("scheme=fp8", 0.2, 0.7)])
+                                                   ("scheme=fp8", 0.2, 0.7), ("scheme=int8", 0.05, 0.9)])
 def test_close_to_unquantized_hf(hf_model, arch, options, bound, agree):
     """Loose bounds, set by measurement: on these tiny random models (weights scaled up 3x, so errors grow
     layer by layer) int4 g32 moves the logits by 17-27% of their largest magnitude (symmetric 18-34%), fp8 by
-    6-13%, and the greedy choice agrees at 65-96% of positions. A wrong packing moves them by 100% or more.
+    6-13%, int8 by 1-2.3%, and the greedy choice agrees at 65-96% of positions (int8: 96-100%). A wrong packing
+    moves them by 100% or more.
     The quality that matters is measured on a trained model: see test_demo_perplexity in tests/runtime."""
     ir = _quantized(hf_model, options)
     ids = random_ids(2, 13, seed=6)
@@ -113,6 +114,25 @@ def test_close_to_unquantized_hf(hf_model, arch, options, bound, agree):
     got = run_chunks(ir, ids, [13])
     assert (got - want).abs().max() <= bound * want.abs().max()
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= agree
+
+
+def test_int8_rewrites_every_linear_and_matches_dequantized_hf(hf_model, arch):
+    """int8 takes every linear layer but lm_head (no shape it refuses); against HF with the layers' weights
+    replaced by qweight * scales, the logits agree to float32 summation order."""
+    ir = _quantized(hf_model, "scheme=int8")
+    layers, kept = ir.quantization["layers"], ir.quantization["kept"]
+    assert set(layers) == set(_linear_layers(hf_model)) - {"lm_head"} and list(kept) == ["lm_head"]
+    assert all(cfg == {"scheme": "int8", "version": 1} for cfg in layers.values())
+    assert len([n for n in ir.graph.nodes if n.target is int8_linear]) == len(layers)
+    ref, packed = copy.deepcopy(hf_model), _packed(ir)
+    for layer in layers:
+        q, scales = packed[f"{layer}.qweight"], packed[f"{layer}.scales"]
+        assert q.dtype == torch.int8 and scales.dtype == torch.float32 and q.abs().max() == 127
+        _set_weight(ref, layer, q.float() * scales[:, None])
+    ids = random_ids(2, 13, seed=5)
+    with torch.no_grad():
+        want = ref(ids).logits
+    torch.testing.assert_close(run_chunks(ir, ids, [7, 1, 5]), want, rtol=1e-4, atol=1e-4)
 
 
 def _fp8_reference_model(model, ir):

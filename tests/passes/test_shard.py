@@ -70,14 +70,17 @@ def test_sharded_logits_equal_hf(arch, tp):
     assert ir.tensor_parallel.replicated == {}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_int4_sharded_equals_int4_unsharded(arch):
-    quant = "scheme=int4,group_size=32,skip="
+@pytest.mark.parametrize("arch, quant", [("llama", "scheme=int4,group_size=32,skip="),
+                                         ("gpt2", "scheme=int4,group_size=32,skip="), ("qwen2", "scheme=int8,skip=")])
+def test_weight_only_sharded_equals_unsharded(arch, quant):
+    """int4 by whole groups and int8 with its per-row scales: each rank's slice computes its part of the sums
+    exactly, so the sharded logits are the unsharded ones up to summation order."""
     _, whole = _optimized(arch, quant)
     _, ir = _sharded(arch, 2, quant)
     ids = random_ids(2, 9)
     expected = _logits(whole, ids)
-    assert any(n.target is torch.ops.lmforge.int4_linear.default for n in ir.graph.nodes)
+    op = getattr(torch.ops.lmforge, f"{quant.split(',')[0].removeprefix('scheme=')}_linear").default
+    assert any(n.target is op for n in ir.graph.nodes)
     for got in _run_sharded(ir, ids, 2):
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 

@@ -15,35 +15,36 @@ import lmforge.codegen  # noqa: F401  (defines the ops the schemes emit)
 from lmforge.errors import LmforgeError
 from lmforge.ir import ops
 from lmforge.ir.ops import Casts, LinearForm, OpFacts
-from lmforge.quant import (SCHEMES, Fp8Config, Int4Config, PackedTensor, QuantScheme, handler, handler_for,
+from lmforge.quant import (SCHEMES, Fp8Config, Int4Config, Int8Config, PackedTensor, QuantScheme, handler, handler_for,
                            handler_for_op, register_scheme)
 from lmforge.quant import scheme as registry
 from tests.conftest import make_model, random_ids
 
 CONFIGS = [Int4Config(group_size=32), Int4Config(group_size=32, symmetric=True), Int4Config(group_size=32, method="hqq"),
-           Fp8Config()]
+           Fp8Config(), Int8Config()]
 
 
 def test_lookups_by_name_config_and_op():
-    assert list(SCHEMES) == ["int4", "fp8"]  # the order messages list them in
+    assert list(SCHEMES) == ["int4", "fp8", "int8"]  # the order messages list them in
     for name, scheme in SCHEMES.items():
         assert handler(name) is scheme is handler_for(scheme.config()) is handler_for_op(scheme.op)
     assert handler_for_op(torch.ops.aten.mm.default) is None and handler_for_op(len) is None
-    with pytest.raises(LmforgeError, match="unknown quantization scheme 'int3'; known: int4, fp8"):
+    with pytest.raises(LmforgeError, match="unknown quantization scheme 'int3'; known: int4, fp8, int8"):
         handler("int3")
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=str)
 def test_pack_matches_dequantize_and_the_op(cfg):
     """pack -> dequantize stays near W; the op, called with `op_args` on the packed tensors, computes
-    x @ dequantize(W)^T + b; fp8 scales are buffers (convert-dtype leaves them float32), the rest parameters."""
+    x @ dequantize(W)^T + b; fp8 and int8 scales are buffers (convert-dtype leaves them float32), the rest
+    parameters."""
     scheme = handler_for(cfg)
     gen = torch.Generator().manual_seed(0)
     N, K = 48, 64
     w, x, b = torch.randn(N, K, generator=gen), torch.randn(3, K, generator=gen), torch.randn(N, generator=gen)
     packed = scheme.pack(w, cfg, torch.float32)
     tensors = {p.suffix: p.tensor for p in packed if p.tensor is not None}
-    want_kinds = {"qweight": "parameter", "scales": "buffer" if scheme.name == "fp8" else "parameter"}
+    want_kinds = {"qweight": "parameter", "scales": "buffer" if scheme.name in ("fp8", "int8") else "parameter"}
     if not getattr(cfg, "symmetric", True):
         want_kinds["zeros"] = "parameter"
     assert {p.suffix: p.kind for p in packed if p.tensor is not None} == want_kinds
@@ -86,6 +87,7 @@ def test_describe_label_and_config():
     assert handler("fp8").label(handler("fp8").describe(Fp8Config())) == "fp8"
     assert handler("int4").settings == ("group_size", "symmetric", "method") and handler("fp8").settings == ()
     assert handler("fp8").make_config(group_size=64) == Fp8Config()
+    assert handler("int8").label(handler("int8").describe(Int8Config())) == "int8" and handler("int8").settings == ()
 
 
 # --- a scheme added in one place ----------------------------------------------------------------------

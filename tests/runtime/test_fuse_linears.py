@@ -135,16 +135,17 @@ def test_bfloat16_matches_hf_and_the_unfused_graph(arch):
 
 @pytest.mark.parametrize("arch,quant", [("llama", "scheme=int4,group_size=32,skip="),
                                         ("qwen2", "scheme=int4,group_size=32,symmetric=true"),
-                                        ("mistral", "scheme=fp8"), ("qwen2", "scheme=fp8")])
+                                        ("mistral", "scheme=fp8"), ("qwen2", "scheme=fp8"),
+                                        ("llama", "scheme=int8,skip=")])
 def test_quantized_layers_fuse_exactly(arch, quant):
-    """int4 (asymmetric with per-group zero points, symmetric without) and fp8 layers fuse by their linear forms:
+    """int4 (asymmetric with per-group zero points, symmetric without), fp8 and int8 layers fuse by their linear forms:
     every tensor concatenated along its out axis; the logits are the unfused graph's, and the quantization
     record lists the fused layers, whose tensors the graph holds under `<layer>.<suffix>`."""
     model = _model(arch)
     ir, plain = _run(arch, _pipeline(quant=quant)), _run(arch, _pipeline(quant=quant, fuse=False))
     groups = _hf_groups(model)
     assert _stats(ir) == {"groups": len(groups), "linears": sum(map(len, groups))}
-    op = torch.ops.lmforge.int4_linear.default if "int4" in quant else torch.ops.lmforge.fp8_linear.default
+    op = getattr(torch.ops.lmforge, f"{quant.split(',')[0].removeprefix('scheme=')}_linear").default
     assert sum(n.target is op for n in ir.graph.nodes) == sum(n.target is op for n in plain.graph.nodes) - sum(
         len(g) - 1 for g in groups)
     ids = random_ids(2, sum(CHUNKS))

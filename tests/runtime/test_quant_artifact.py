@@ -68,7 +68,8 @@ def test_loading_never_requantizes_and_matches_hf(llama_int4, monkeypatch):
 def demo_artifacts(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo-q")
     return {name: lmforge.optimize(None, root / name, max_seq_len=256, **kwargs)
-            for name, kwargs in {"bf16": {}, "int4": {"quant": "int4"}, "fp8": {"quant": "fp8"}}.items()}
+            for name, kwargs in {"bf16": {}, "int4": {"quant": "int4"}, "fp8": {"quant": "fp8"},
+                                         "int8": {"quant": "int8"}}.items()}
 
 
 def test_int4_artifact_is_about_a_quarter_of_bf16(demo_artifacts):
@@ -79,19 +80,23 @@ def test_int4_artifact_is_about_a_quarter_of_bf16(demo_artifacts):
     assert 0.25 < packed / dense < 0.27  # 4 bits a weight + a bf16 scale and zero point per 128 weights
     total = {name: a.manifest["files"]["model.safetensors"]["bytes"] for name, a in demo_artifacts.items()}
     assert total["int4"] < 0.4 * total["bf16"]  # the float embedding table (tied to lm_head) is the rest
-    assert total["fp8"] < 0.6 * total["bf16"]
+    assert total["fp8"] < 0.6 * total["bf16"] and total["int8"] < 0.6 * total["bf16"]
+    layers8 = demo_artifacts["int8"].manifest["quantization"]["layers"]
+    packed8 = sum(t.numel() * t.element_size() for k, t in sizes["int8"].items() if k.rsplit(".", 1)[0] in layers8)
+    assert 0.5 < packed8 / dense < 0.51  # a byte a weight + a float32 scale per row
     params = {name: a.manifest["params"] for name, a in demo_artifacts.items()}
-    assert params["int4"] == params["fp8"] == params["bf16"]  # the weights stand for as many parameters
+    assert params["int4"] == params["fp8"] == params["int8"] == params["bf16"]  # as many parameters, however stored
 
 
 def test_demo_perplexity_close_to_bf16(demo_artifacts):
     """Quality on a trained model (the demo's held-out text; first 2048 tokens): measured +0.4% (int4 g128)
-    and +0.2% (fp8) over the full text; the bounds leave room for the shorter sample."""
+    , +0.2% (fp8) and +0.001% (int8) over the full text; the bounds leave room for the shorter sample."""
     engines = {name: lmforge.load(a.path) for name, a in demo_artifacts.items()}
     ids = engines["bf16"].tokenizer.encode(default_text().read_text(), add_special_tokens=False).ids[:2048]
     ppl = {name: perplexity(eng, ids=ids).perplexity for name, eng in engines.items()}
     assert ppl["int4"] < 1.03 * ppl["bf16"], ppl
     assert ppl["fp8"] < 1.01 * ppl["bf16"], ppl
+    assert ppl["int8"] < 1.003 * ppl["bf16"], ppl
 
 
 @pytest.mark.skipif(__import__("os").environ.get("TRITON_INTERPRET") != "1", reason="the CPU runs Triton interpreted")

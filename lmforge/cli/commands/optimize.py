@@ -19,7 +19,8 @@ DEMO_OUT = "lmforge-demo"
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute and storage dtype [default: the checkpoint's].")
 @click.option("--max-seq-len", type=click.IntRange(min=1), help="KV cache length [default: the model's position limit, at most 4096].")
 @click.option("--quant", type=click.Choice(list(SCHEMES)),
-              help="Quantize linear layers: int4 weight-only (group-wise) or fp8 (e4m3 weights, per-token activations).")
+              help="Quantize linear layers: int4 weight-only (group-wise), int8 weight-only (per channel) or fp8 "
+                   "(e4m3 weights, per-token activations).")
 @click.option("--group-size", type=click.Choice(["32", "64", "128", "256"]), help="int4: columns per scale [default: 128, or for a layer it does not divide the largest size that does].")
 @click.option("--symmetric", is_flag=True, help="int4: symmetric (no zero points) instead of asymmetric.")
 @click.option("--quant-method", type=click.Choice(["rtn", "hqq"]),
@@ -48,6 +49,7 @@ def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetri
       lmforge optimize -o demo-int4 --quant int4 --group-size 64
       lmforge optimize ./TinyLlama -o tl-int4 --quant int4 --skip 'lm_head,*.gate_proj' --override '*.down_proj:g32'
       lmforge optimize ./TinyLlama -o tl-fp8 --quant fp8
+      lmforge optimize ./TinyLlama -o tl-int8 --quant int8
       lmforge optimize ./TinyLlama -o tl-tp2 --tp 2 --quant int4     # then: lmforge run tl-tp2 -p "..."
     """
     import lmforge

@@ -29,6 +29,7 @@ enum {  /* STEP_KINDS in cpu_program.py, in this order */
     STEP_GLU_SILU_F32,
     STEP_GLU_GELU_TANH_F32,
     STEP_QKV_ATTENTION,
+    STEP_INT8,
 };
 
 typedef struct {
@@ -47,6 +48,8 @@ int gemm_int4(const void *x, int64_t ldx, int f32, const void *qw, const void *s
               int sz_bf16, const void *b, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int threads);
 int gemv_int4_q8(const void *x, int64_t ldx, int f32, const void *qw, const void *scales, const void *zeros,
                  int sz_bf16, const void *b, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int threads);
+int gemm_int8(const void *x, int64_t ldx, int f32, const void *qw, const void *scales, const void *b, void *y,
+              int64_t ldy, int64_t M, int64_t N, int64_t K, int threads);
 int rms_norm_rows(int bf16, const void *x, int64_t ldx, const void *w, float eps, void *y, int64_t ldy, int64_t M,
                   int64_t K);
 int add_rms_norm_rows(int bf16, const void *a, int64_t lda, const void *b, int64_t ldb, const void *w, float eps,
@@ -77,6 +80,8 @@ static int run_one(const step_op *o, void *const *slots, int64_t kv_len) {
     case STEP_INT4_Q8:
         return gemv_int4_q8(p[0], i[0], (int)i[1], p[1], p[2], p[3], (int)i[8], p[4], p[5], i[2], i[3], i[4], i[5],
                             i[6], (int)i[7]);
+    case STEP_INT8:  /* x, qweight, scales, b, y; ldx, f32, ldy, M, N, K, threads */
+        return gemm_int8(p[0], i[0], (int)i[1], p[1], p[2], p[3], p[4], i[2], i[3], i[4], i[5], (int)i[6]);
     case STEP_RMS_NORM:  /* x, w, y; bf16, ldx, ldy, M, K; eps */
         return rms_norm_rows((int)i[0], p[0], i[1], p[1], (float)o->f[0], p[2], i[2], i[3], i[4]);
     case STEP_ADD_RMS_NORM:  /* a, b, w, y, s; bf16, lda, ldb, M, K; eps */

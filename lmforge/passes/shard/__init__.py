@@ -25,7 +25,7 @@ reaches something that cannot be sharded (a reduction over the sharded axis, a r
 rule) is left replicated, and listed with the reason.
 
 Quantized layers shard too: int4 by whole groups along the input axis (a group that would straddle two
-ranks is an error that names the layer and a group size that fits), fp8 with its per-row scales.
+ranks is an error that names the layer and a group size that fits), fp8 and int8 with their per-row scales.
 
 The pass is `plan` then `apply`, one concept a file:
 
