@@ -1,8 +1,9 @@
-"""Batched greedy decode on the CPU: lmforge bfloat16 beside lmforge int4 at batch 1-16, runs interleaved.
+"""Batched greedy decode on the CPU: lmforge bfloat16 beside lmforge int4 and int8 at batch 1-16, runs interleaved.
 
 What it measures: the SmolLM-135M-shaped Llama of `decode_cpu.py` (or `--model llama-1b`; random weights, seed 0),
-optimized to bfloat16, to int4 (lmforge's default groups) and to int4 with the lm_head in int4 too. For each
-batch size B, `generate` on B random prompts of P tokens makes N new tokens; one decode step is
+optimized to bfloat16, to int4 (lmforge's default groups), to int8 (per channel), and to each of those two with the
+lm_head quantized too (`--engines` picks among them). For each batch size B, `generate` on B random prompts of P
+tokens makes N new tokens; one decode step is
 
     step ms   = the median time between two of the N tokens `iter_tokens` yields (a decode step and its greedy pick)
     tokens/s  = B / step seconds (decode only, prefill excluded)
@@ -14,6 +15,7 @@ Run (from the repository root):
 
     python bench/batch_cpu.py [--model smollm-135m|llama-1b] [--batches 1,4,8,16] [--new-tokens 16]
                               [--prompt-len 32] [--rounds 3] [--threads N]
+                              [--engines bf16,int4,int4-head,int8,int8-head]
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ import lmforge
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_cpu import SHAPES, build_model, cpu_model  # noqa: E402
 
-ENGINES = {"bf16": (None, None), "int4": ("int4", None), "int4 (+lm_head)": ("int4", [])}  # label: (quant, skip)
+# name: (label, quant, skip)
+ENGINES = {"bf16": ("bf16", None, None), "int4": ("int4", "int4", None), "int4-head": ("int4 (+lm_head)", "int4", []),
+           "int8": ("int8", "int8", None), "int8-head": ("int8 (+lm_head)", "int8", [])}
 
 
 def step_seconds(eng, ids: torch.Tensor, new_tokens: int) -> float:
@@ -53,7 +57,12 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32, help="random prompt length (default 32)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, bf16 first (default {','.join(ENGINES)})")
     args = p.parse_args()
+    names = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not names or names[0] != "bf16" or any(e not in ENGINES for e in names):
+        p.error(f"--engines takes bf16 first, then any of {', '.join(list(ENGINES)[1:])}")
+    labels = {ENGINES[e][0]: ENGINES[e][1:] for e in names}
     try:
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
     except ValueError:
@@ -69,7 +78,7 @@ def main() -> None:
     best: dict[tuple[str, int], float] = {}
     with tempfile.TemporaryDirectory(prefix="lmforge-batch-") as work:
         engines = {}
-        for label, (quant, skip) in ENGINES.items():
+        for label, (quant, skip) in labels.items():
             out = Path(work) / label.replace(" ", "_").replace("(", "").replace(")", "")
             lmforge.optimize(model, output_dir=out, dtype="bfloat16", quant=quant, skip=skip,
                              max_seq_len=args.prompt_len + args.new_tokens)
@@ -83,11 +92,11 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {args.model}  {cpu_model()}  {torch.get_num_threads()} threads  "
           f"torch {torch.__version__}  (prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.rounds} "
           "interleaved rounds)")
-    head = ("batch", *(f"{label} step ms" for label in ENGINES), *(f"{label} tok/s" for label in ENGINES),
-            *(f"{label}/bf16" for label in list(ENGINES)[1:]))
+    head = ("batch", *(f"{label} step ms" for label in labels), *(f"{label} tok/s" for label in labels),
+            *(f"{label}/bf16" for label in list(labels)[1:]))
     lines = [head]
     for b in batches:
-        steps = [best[label, b] for label in ENGINES]
+        steps = [best[label, b] for label in labels]
         lines.append((str(b), *(f"{s * 1e3:.2f}" for s in steps), *(f"{b / s:.0f}" for s in steps),
                       *(f"{steps[0] / s:.2f}x" for s in steps[1:])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]

@@ -5,7 +5,7 @@ weights, seed 0) generates exactly N new tokens
 after a random batch-1 prompt of P tokens, in float32 and in bfloat16, once with transformers'
 `model.generate` (eager, dynamic cache) and once with `lmforge.load(...).generate`; then lmforge again
 with its weights quantized (`--quant`, default int4; `int4-head` quantizes the tied lm_head too, as ONNX Runtime
-GenAI's int4 does; fp8 too if asked) at `--group-size` (default: lmforge's,
+GenAI's int4 does; int8, int8-head and fp8 too if asked) at `--group-size` (default: lmforge's,
 128 where it divides a layer's in_features, else the largest that does: SmolLM's 576 -> 64), computing in bfloat16. Each is warmed up once and timed as the best of `--repeats` runs of the whole call (prefill +
 decode), each lmforge engine's runs alternating with HF's in the same dtype so that both see the same
 machine conditions:
@@ -28,7 +28,7 @@ picked the same token as transformers in the same dtype (float32 should match al
 Run (from the repository root):
 
     python bench/decode_cpu.py [--model smollm-135m|llama-1b] [--dtypes float32,bfloat16] [--new-tokens 64]
-                               [--prompt-len 32] [--repeats 5] [--threads N] [--quant int4,int4-head,int4-q8,fp8]
+                               [--prompt-len 32] [--repeats 5] [--threads N] [--quant int4,int4-head,int4-q8,fp8,int8]
                                [--group-size G] [--json]
 """
 
@@ -63,7 +63,7 @@ LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=2048,
                 rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)  # Llama-3.2-1B's shape
 SHAPES = {"smollm-135m": SMOLLM_135M, "llama-1b": LLAMA_1B}
-QUANTS = ("int4", "int4-head", "int4-q8", "fp8")
+QUANTS = ("int4", "int4-head", "int4-q8", "fp8", "int8", "int8-head")
 # torch.export's own run_decompositions (inside lmforge.optimize) trips this deprecation warning of torch's
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -214,7 +214,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--quant", default="int4", help="quantized bfloat16 rows, comma-separated: int4, int4-head (the "
                                                    "lm_head too), int4-q8 (int4 with int8 activations, "
-                                                   "LMFORGE_INT4_ACT=int8), fp8, or '' for none (default int4)")
+                                                   "LMFORGE_INT4_ACT=int8), fp8, int8, int8-head, or '' for none "
+                                                   "(default int4)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128, 256),
                    help="int4 group size (default: fitted per layer, 128 or the largest that divides it)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -249,8 +250,8 @@ def main() -> None:
             with int4_activations("int8" if quant == "int4-q8" else "float"):
                 row = bench_dtype(model, "bfloat16", ids, args.new_tokens, args.repeats, Path(work), bandwidth,
                                   quant.removesuffix("-q8").removesuffix("-head"), args.group_size,
-                                  [] if quant == "int4-head" else None)[1]
-            row.engine += {"int4-q8": " (int8 act)", "int4-head": " (+lm_head)"}.get(quant, "")
+                                  [] if quant.endswith("-head") else None)[1]
+            row.engine += " (int8 act)" if quant == "int4-q8" else " (+lm_head)" if quant.endswith("-head") else ""
             rows.append(row)
     hf_fp32 = next((r.tokens_per_s for r in rows if r.engine == "HF eager" and r.dtype == "float32"), None)
     for r in rows:

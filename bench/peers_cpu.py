@@ -1,7 +1,8 @@
 """lmforge beside llama.cpp and ONNX Runtime GenAI on the CPU: the same random weights, runs interleaved.
 
-What it measures: the SmolLM-135M-shaped Llama of `decode_cpu.py` (random weights, seed 0), in lmforge (float32,
-bfloat16, int4, int4 with the lm_head in int4 too), in llama.cpp's `llama-bench` (the GGUF files you give it,
+What it measures: the SmolLM-135M-shaped Llama of `decode_cpu.py` (or with `--model llama-1b` its Llama-3.2-1B-shaped
+one; random weights, seed 0), in lmforge (float32,
+bfloat16, int4 and int8, each also with the lm_head quantized), in llama.cpp's `llama-bench` (the GGUF files you give it,
 converted from the same weights) and in onnxruntime-genai (models its own builder makes from the same weights,
 `--ort-genai`), 2 threads each:
 
@@ -17,10 +18,10 @@ best over `--rounds` rounds counts. llama.cpp is not installed by lmforge: build
     ... --outtype bf16 ...;  llama-quantize /tmp/smol-f32.gguf /tmp/smol-q4_0.gguf Q4_0 (and Q8_0)
     python bench/peers_cpu.py --llama-bench /path/to/llama-bench \\
         --gguf f32=/tmp/smol-f32.gguf,bf16=/tmp/smol-bf16.gguf,q8_0=/tmp/smol-q8_0.gguf,q4_0=/tmp/smol-q4_0.gguf \\
-        --ort-genai fp32,int4-b32,int4-b64
+        --ort-genai fp32,int4-b32,int4-b64,int8
 
 ONNX Runtime GenAI (`pip install -e ".[peers]"`: onnxruntime-genai, onnxruntime, onnx_ir) builds its models here,
-with `python -m onnxruntime_genai.models.builder -p fp32|int4 -e cpu` (int4: its default accuracy level, which
+with `python -m onnxruntime_genai.models.builder -p fp32|int4|int8 -e cpu` (int4: its default accuracy level, which
 multiplies in int8, block 32 or 64, the lm_head in int4 too), and runs them with `intra_op_num_threads` set to
 --threads; its rates are timed the same way as lmforge's (tg64: 65 tokens after a 1-token prompt less 1).
 
@@ -44,16 +45,18 @@ import torch
 import lmforge
 
 sys.path.insert(0, str(Path(__file__).parent))
-from decode_cpu import SMOLLM_135M, build_model, cpu_model  # noqa: E402
+from decode_cpu import SHAPES, build_model, cpu_model  # noqa: E402
 
 # lmforge rows: (label, dtype, quant, skip), each beside the GGUF of the same precision
 LMFORGE = {"f32": [("float32", "float32", None, None)], "bf16": [("bfloat16", "bfloat16", None, None)],
-           "q4_0": [("int4", "bfloat16", "int4", None), ("int4 (+lm_head)", "bfloat16", "int4", [])], "q8_0": []}
+           "q4_0": [("int4", "bfloat16", "int4", None), ("int4 (+lm_head)", "bfloat16", "int4", [])],
+           "q8_0": [("int8", "bfloat16", "int8", None), ("int8 (+lm_head)", "bfloat16", "int8", [])]}
 
 
 # ONNX Runtime GenAI rows: name -> (group of rows it stands beside, builder arguments)
 ORT_GENAI = {"fp32": ("f32", ["-p", "fp32"]), "int4-b32": ("q4_0", ["-p", "int4", "--extra_options", "int4_block_size=32"]),
-             "int4-b64": ("q4_0", ["-p", "int4", "--extra_options", "int4_block_size=64"])}
+             "int4-b64": ("q4_0", ["-p", "int4", "--extra_options", "int4_block_size=64"]),
+             "int8": ("q8_0", ["-p", "int8"])}
 
 
 def ort_genai_model(hf_dir: Path, name: str, out: Path, threads: int):
@@ -119,11 +122,12 @@ def lmforge_rates(eng, ids: torch.Tensor) -> tuple[float, float]:
     return best_rates(run, ids[0], ids[0, :1])
 
 
-def save_hf(out: Path) -> None:
-    """The benchmark's weights as a Hugging Face folder, with the demo model's tokenizer files."""
+def save_hf(out: Path, shape: str) -> None:
+    """The benchmark's weights (`shape`, a decode_cpu.SHAPES name) as a Hugging Face folder, with the demo model's
+    tokenizer files."""
     from lmforge import demo
 
-    build_model().save_pretrained(out, safe_serialization=True)
+    build_model(shape).save_pretrained(out, safe_serialization=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (demo.model_dir() / name).is_file():
             shutil.copy(demo.model_dir() / name, out / name)
@@ -131,6 +135,8 @@ def save_hf(out: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=list(SHAPES), default="smollm-135m",
+                   help="the model's shape (default smollm-135m; the GGUF files must be of the same one)")
     p.add_argument("--save-hf", type=Path, help="write the weights as a HF folder and stop")
     p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench")
     p.add_argument("--gguf", default="", help="precision=path pairs, comma-separated: f32, bf16, q8_0, q4_0")
@@ -139,7 +145,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
     args = p.parse_args()
     if args.save_hf:
-        save_hf(args.save_hf)
+        save_hf(args.save_hf, args.model)
         print(f"wrote {args.save_hf}: convert it with llama.cpp's convert_hf_to_gguf.py")
         return
     ggufs = dict(item.split("=", 1) for item in args.gguf.split(",") if item.strip())
@@ -150,14 +156,14 @@ def main() -> None:
         p.error(f"give --gguf, --ort-genai (among {', '.join(ORT_GENAI)}) or both")
     groups = list(dict.fromkeys([*ggufs, *(ORT_GENAI[name][0] for name in orts)]))
     torch.set_num_threads(args.threads)
-    model = build_model()
-    ids = torch.randint(0, SMOLLM_135M["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(0))
+    model = build_model(args.model)
+    ids = torch.randint(0, SHAPES[args.model]["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(0))
     best: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="lmforge-peers-") as work:
         ort_models = {}
         if orts:
             hf_dir = Path(work) / "hf"
-            save_hf(hf_dir)
+            save_hf(hf_dir, args.model)
             for name in orts:
                 ort_models[ORT_GENAI[name][0], name] = ort_genai_model(hf_dir, name, Path(work) / f"ort-{name}",
                                                                       args.threads)
@@ -184,7 +190,8 @@ def main() -> None:
                         pp, tg = lmforge_rates(eng, ids)
                         b = best.setdefault((precision, f"lmforge {label}"), [0.0, 0.0])
                         b[0], b[1] = max(b[0], pp), max(b[1], tg)
-    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {cpu_model()}  {args.threads} threads  torch {torch.__version__}  "
+    print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {args.model}  {cpu_model()}  {args.threads} threads  "
+          f"torch {torch.__version__}  "
           f"(best of {args.rounds} interleaved rounds)")
     head = ("precision", "engine", "tg64 tok/s", "pp32 tok/s", "tg vs best peer", "pp vs best peer")
     lines = [head]

@@ -69,10 +69,11 @@ def test_peers_cpu_bench_runs_onnxruntime_genai():
     ("peers_cpu.py", [], "give --gguf, --ort-genai"),
     ("peers_cpu.py", ["--llama-bench", "x", "--gguf", "q5_k=/x.gguf"], "precisions among f32, bf16, q4_0, q8_0"),
     ("peers_cpu.py", ["--gguf", "f32=/x.gguf"], "give --llama-bench and --gguf with precisions among"),
-    ("peers_cpu.py", ["--ort-genai", "int8"], "--ort-genai (among fp32, int4-b32, int4-b64)"),
+    ("peers_cpu.py", ["--ort-genai", "int3"], "--ort-genai (among fp32, int4-b32, int4-b64, int8)"),
     ("prefill_cpu.py", ["--prompt-lens", "0"], "--prompt-lens must be positive"),
     ("batch_cpu.py", ["--batches", "4,x"], "--batches takes positive integers"),
     ("batch_cpu.py", ["--new-tokens", "1"], "--new-tokens >= 2"),
+    ("batch_cpu.py", ["--engines", "int4,bf16"], "--engines takes bf16 first"),
     ("decode_cpu.py", ["--dtypes", "float16"], "--dtypes takes float32, bfloat16"),
 ])
 def test_cpu_bench_scripts_refuse_bad_flags(script, args, message):

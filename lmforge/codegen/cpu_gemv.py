@@ -54,7 +54,7 @@ from lmforge.errors import ArtifactError
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
 SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4.c", "int4_q8.c",
                                                      "int8.c", "attention.c", "program.c"))
-HEADERS = (SOURCE.with_name("bf16.h"), SOURCE.with_name("vmath.h"))
+HEADERS = tuple(SOURCE.with_name(name) for name in ("bf16.h", "vmath.h", "rows.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")  # products rounded as PyTorch rounds them
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
 Q8_MAX_ROWS = 8  # Q8_MAX_ROWS in int4_q8.c

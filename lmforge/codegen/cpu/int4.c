@@ -34,6 +34,7 @@
 #include <omp.h>
 #endif
 #include "bf16.h"
+#include "rows.h"
 
 #define INT4_MAX_ROWS 8  /* the row kernels exist for 1..8 rows of x and 1, 2 or 4 weight rows */
 #if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
@@ -414,23 +415,9 @@ static void int4_tile_dot(const int4_args *a, const uint16_t *x, int64_t ldx, in
 #endif
 
 typedef void (*int4_rows_fn)(const int4_args *, int64_t, int64_t, int64_t);
-#define INT4_ROWS_FN(NAME, R, M) \
-    static void NAME##_##R##_##M(const int4_args *a, int64_t n0, int64_t n1, int64_t m0) { \
-        NAME(a, n0, n1, m0, R, M); \
-    }
-#define INT4_ROWS_FNS(NAME, R) \
-    INT4_ROWS_FN(NAME, R, 1) INT4_ROWS_FN(NAME, R, 2) INT4_ROWS_FN(NAME, R, 3) INT4_ROWS_FN(NAME, R, 4) \
-    INT4_ROWS_FN(NAME, R, 5) INT4_ROWS_FN(NAME, R, 6) INT4_ROWS_FN(NAME, R, 7) INT4_ROWS_FN(NAME, R, 8)
-#define INT4_ROW_TABLE(NAME, R) \
-    {NAME##_##R##_1, NAME##_##R##_2, NAME##_##R##_3, NAME##_##R##_4, \
-     NAME##_##R##_5, NAME##_##R##_6, NAME##_##R##_7, NAME##_##R##_8}
-#define INT4_TABLE(NAME) \
-    INT4_ROWS_FNS(NAME, 1) INT4_ROWS_FNS(NAME, 2) INT4_ROWS_FNS(NAME, 4) \
-    static const int4_rows_fn NAME##_fns[3][8] = {INT4_ROW_TABLE(NAME, 1), INT4_ROW_TABLE(NAME, 2), \
-                                                  INT4_ROW_TABLE(NAME, 4)};
-INT4_TABLE(int4_rows)  /* int4_rows_fns[log2 R][M - 1] */
+ROWS_TABLE(int4_rows, int4_args, int4_rows_fn)  /* int4_rows_fns[log2 R][M - 1] */
 #if INT4_DOT
-INT4_TABLE(int4_rows_dot)
+ROWS_TABLE(int4_rows_dot, int4_args, int4_rows_fn)
 #endif
 
 /* Weight rows [n0, n1) against rows [m0, m0 + M) of x (M <= INT4_ROWS): as many as possible R at a time

@@ -28,13 +28,18 @@
 #include <omp.h>
 #endif
 #include "bf16.h"
+#include "rows.h"
 
 #define INT8_ROWS 8   /* rows of x per pass over a weight row */
 #define INT8_TILE 16  /* weight rows reused from cache across chunks of x when M > INT8_ROWS */
 #define INT8_STEP 32  /* columns per step: x's rows are padded to a multiple of it */
+#ifndef INT8_DOT_ROWS
+#define INT8_DOT_ROWS 2  /* bfloat16 x with at least this many rows takes the dot path where there is one */
+#endif
 
 typedef struct {
-    const float *xf;     /* (M, Kp) float32 copy of x */
+    const float *xf;     /* float path: (M, Kp) float32 copy of x */
+    const uint16_t *xb;  /* dot path: (M, Kp) bfloat16 copy of x */
     const int8_t *qw;
     const float *scales;
     int64_t K, Kp;
@@ -92,6 +97,43 @@ static inline __attribute__((always_inline)) void int8_rows(const int8_args *a, 
 }
 #else
 #define INT8_SIMD 0
+#endif
+
+#if INT8_SIMD && defined(__AVX512BF16__)
+#define INT8_DOT 1
+/* Dot path (bfloat16 x, AVX512-BF16): the same sums with 32 codes a step made bfloat16 (exact: |q| <= 127 has 7
+ * significant bits, bfloat16 8) and multiplied with x's pairs by vdpbf16ps, one instruction per row of x
+ * where the float path takes two FMAs and two loads: the rows of x, not the codes, are what a batch multiplies */
+static inline __attribute__((always_inline)) void int8_rows_dot(const int8_args *a, int64_t n0, int64_t n1,
+                                                                 int64_t m0, int R, int M) {
+    const int64_t K = a->K, Kp = a->Kp, full = K / INT8_STEP * INT8_STEP;
+    const uint16_t *xb = a->xb + m0 * Kp;
+    for (int64_t n = n0; n < n1; n += R) {
+        __m512 s[4][INT8_ROWS];
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < M; m++) s[r][m] = _mm512_setzero_ps();
+        const int8_t *rows = a->qw + n * K;
+        for (int64_t k = 0; k < Kp; k += INT8_STEP) {
+            if (k % 64 == 0)
+                for (int r = 0; r < R; r++) __builtin_prefetch(rows + R * K + (k / 64 * R + r) * 64);
+            const __mmask16 lo = k < full ? (__mmask16)0xffff : int8_live(K, k);
+            const __mmask16 hi = k < full ? (__mmask16)0xffff : int8_live(K, k + 16);
+            for (int r = 0; r < R; r++) {
+                const __m512bh w = _mm512_cvtne2ps_pbh(int8_codes(rows + r * K, k + 16, hi),
+                                                       int8_codes(rows + r * K, k, lo));  /* low half: k .. k + 15 */
+                for (int m = 0; m < M; m++)
+                    s[r][m] = _mm512_dpbf16_ps(s[r][m], w, (__m512bh)_mm512_loadu_si512((const void *)(xb + m * Kp + k)));
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int m = 0; m < M; m++) int8_store(a, m0 + m, n + r, _mm512_reduce_add_ps(s[r][m]));
+    }
+}
+#else
+#define INT8_DOT 0
+#endif
+
+#if !INT8_SIMD
 static inline __attribute__((always_inline)) void int8_rows(const int8_args *a, int64_t n0, int64_t n1, int64_t m0,
                                                              int R, int M) {
     const int64_t K = a->K, Kp = a->Kp;
@@ -108,27 +150,36 @@ static inline __attribute__((always_inline)) void int8_rows(const int8_args *a, 
 #endif
 
 typedef void (*int8_rows_fn)(const int8_args *, int64_t, int64_t, int64_t);
-#define INT8_ROWS_FN(R, M) \
-    static void int8_rows_##R##_##M(const int8_args *a, int64_t n0, int64_t n1, int64_t m0) { \
-        int8_rows(a, n0, n1, m0, R, M); \
-    }
-INT8_ROWS_FN(4, 1) INT8_ROWS_FN(2, 2) INT8_ROWS_FN(1, 3) INT8_ROWS_FN(1, 4)
-INT8_ROWS_FN(1, 5) INT8_ROWS_FN(1, 6) INT8_ROWS_FN(1, 7) INT8_ROWS_FN(1, 8) INT8_ROWS_FN(1, 1) INT8_ROWS_FN(1, 2)
-/* [M - 1]: R weight rows at once for M rows of x, and R */
-static const int8_rows_fn int8_wide_fns[INT8_ROWS] = {int8_rows_4_1, int8_rows_2_2, int8_rows_1_3, int8_rows_1_4,
-                                                      int8_rows_1_5, int8_rows_1_6, int8_rows_1_7, int8_rows_1_8};
-static const int int8_wide[INT8_ROWS] = {4, 2, 1, 1, 1, 1, 1, 1};
+ROWS_TABLE(int8_rows, int8_args, int8_rows_fn)  /* int8_rows_fns[log2 R][M - 1] */
+#if INT8_DOT
+ROWS_TABLE(int8_rows_dot, int8_args, int8_rows_fn)
+#endif
+
+/* log2 of the weight rows taken at once for M rows of x: eight sums or more in flight (the float path keeps two
+ * per pair of rows) */
+static const int int8_wide[INT8_ROWS] = {2, 1, 0, 0, 0, 0, 0, 0};
+static const int int8_wide_dot[INT8_ROWS] = {2, 2, 1, 1, 0, 0, 0, 0};
 
 /* Weight rows [n0, n1) against rows [m0, m0 + M) of x (M <= INT8_ROWS): R at a time, then the rest one by one */
 static void int8_block(const int8_args *a, int64_t n0, int64_t n1, int64_t m0, int M) {
-    const int R = int8_wide[M - 1];
-    const int64_t split = n0 + (n1 - n0) / R * R;
-    if (split > n0) int8_wide_fns[M - 1](a, n0, split, m0);
-    if (split < n1) (M == 1 ? int8_rows_1_1 : int8_rows_1_2)(a, split, n1, m0);  /* R > 1 only for M <= 2 */
+    const int8_rows_fn (*fns)[INT8_ROWS] = int8_rows_fns;
+    int wide = int8_wide[M - 1];
+#if INT8_DOT
+    if (a->xb) fns = int8_rows_dot_fns, wide = int8_wide_dot[M - 1];
+#endif
+    const int64_t split = n0 + (n1 - n0) / (1 << wide) * (1 << wide);
+    if (split > n0) fns[wide][M - 1](a, n0, split, m0);
+    if (split < n1) fns[0][M - 1](a, split, n1, m0);
 }
 
-/* row m of x as float32 into xf (M, Kp), zero past K */
-static void int8_prepare(const void *x, int64_t ldx, int f32, int64_t m, int64_t K, int64_t Kp, float *xf) {
+/* row m of x into xf (M, Kp) as float32, or, for the dot path, into xb (M, Kp) as bfloat16; zero past K */
+static void int8_prepare(const void *x, int64_t ldx, int f32, int64_t m, int64_t K, int64_t Kp, float *xf,
+                         uint16_t *xb) {
+    if (xb) {
+        memcpy(xb + m * Kp, (const uint16_t *)x + m * ldx, (size_t)K * 2);
+        memset(xb + m * Kp + K, 0, (size_t)(Kp - K) * 2);
+        return;
+    }
     float *out = xf + m * Kp;
     int64_t k = 0;
 #if defined(__AVX512F__)
@@ -146,8 +197,8 @@ int gemm_int8(const void *x, int64_t ldx, int f32, const int8_t *qw, const float
     if (M == 0 || N == 0) return 0;
     if (threads < 1) threads = 1;
     const int64_t Kp = (K + INT8_STEP - 1) / INT8_STEP * INT8_STEP;
-    const int own_copy = M <= INT8_ROWS;
-    const size_t copy_bytes = ((size_t)(M * Kp) * 4 + 63) & ~(size_t)63;
+    const int own_copy = M <= INT8_ROWS, dot = INT8_DOT && !f32 && M >= INT8_DOT_ROWS;
+    const size_t copy_bytes = ((size_t)(M * Kp) * (dot ? 2 : 4) + 63) & ~(size_t)63;
     const size_t copies = own_copy ? (size_t)threads : 1;
     char *buf = aligned_alloc(64, copy_bytes * copies);
     if (!buf) return -2;
@@ -161,13 +212,15 @@ int gemm_int8(const void *x, int64_t ldx, int f32, const int8_t *qw, const float
 #ifdef _OPENMP
         thread = omp_get_thread_num();
 #endif
-        float *xf = (float *)(buf + copy_bytes * (own_copy ? (size_t)thread : 0));
-        int8_args a = {xf, qw, scales, K, Kp, b, y, ldy, f32};
+        char *copy = buf + copy_bytes * (own_copy ? (size_t)thread : 0);
+        float *xf = dot ? NULL : (float *)copy;
+        uint16_t *xb = dot ? (uint16_t *)copy : NULL;
+        int8_args a = {xf, xb, qw, scales, K, Kp, b, y, ldy, f32};
         if (own_copy) {
-            for (int64_t m = 0; m < M; m++) int8_prepare(x, ldx, f32, m, K, Kp, xf);
+            for (int64_t m = 0; m < M; m++) int8_prepare(x, ldx, f32, m, K, Kp, xf, xb);
         } else {
 #pragma omp for schedule(static)
-            for (int64_t m = 0; m < M; m++) int8_prepare(x, ldx, f32, m, K, Kp, xf);
+            for (int64_t m = 0; m < M; m++) int8_prepare(x, ldx, f32, m, K, Kp, xf, xb);
         }
 #pragma omp for schedule(static) nowait
         for (int64_t t = 0; t < tiles; t++) {
