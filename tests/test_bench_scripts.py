@@ -65,6 +65,25 @@ def test_peers_cpu_bench_runs_onnxruntime_genai():
     assert float(rows["onnxruntime-genai int4-b32"][2]) > 0
 
 
+def test_peers_quality_bench_scores_the_demo_model():
+    """bench/peers_quality.py, lmforge's bfloat16 and int8 rows (and ONNX Runtime GenAI's fp32 and int8 where the
+    `peers` extra is installed): perplexities of the trained demo model, int8 within 0.3 % of bfloat16."""
+    ort = __import__("importlib").util.find_spec("onnxruntime_genai") is not None
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "peers_quality.py"), "--lmforge", "bfloat16,int8",
+                             *(["--ort-genai", "fp32,int8"] if ort else [])], capture_output=True, text=True,
+                            timeout=900, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {(cells[0], cells[1]): cells for cells in (re.split(r"\s{2,}", line) for line in result.stdout.splitlines())
+            if cells[0] in ("lmforge", "onnxruntime-genai")}
+    want = {("lmforge", "bfloat16"), ("lmforge", "int8")} | ({("onnxruntime-genai", "fp32"),
+                                                             ("onnxruntime-genai", "int8")} if ort else set())
+    assert set(rows) == want, result.stdout
+    assert 60 < float(rows["lmforge", "bfloat16"][2]) < 90  # 74.4 measured
+    assert abs(float(rows["lmforge", "int8"][3].rstrip(" %"))) < 0.3
+    if ort:  # the same windows of the same ids: its float32 model scores what lmforge's bfloat16 one does, closely
+        assert abs(float(rows["onnxruntime-genai", "fp32"][2]) / float(rows["lmforge", "bfloat16"][2]) - 1) < 0.01
+
+
 @pytest.mark.parametrize("script, args, message", [
     ("peers_cpu.py", [], "give --gguf, --ort-genai"),
     ("peers_cpu.py", ["--llama-bench", "x", "--gguf", "q5_k=/x.gguf"], "precisions among f32, bf16, q4_0, q8_0"),
@@ -74,6 +93,10 @@ def test_peers_cpu_bench_runs_onnxruntime_genai():
     ("batch_cpu.py", ["--batches", "4,x"], "--batches takes positive integers"),
     ("batch_cpu.py", ["--new-tokens", "1"], "--new-tokens >= 2"),
     ("batch_cpu.py", ["--engines", "int4,bf16"], "--engines takes bf16 first"),
+    ("peers_quality.py", ["--gguf", "q4_0=/x.gguf"], "give --llama-perplexity and --gguf (f32 first) together"),
+    ("peers_quality.py", ["--ort-genai", "int8"], "--ort-genai takes fp32 first"),
+    ("peers_quality.py", ["--lmforge", "int3"], "--lmforge takes any of"),
+    ("peers_quality.py", ["--window", "4"], "--window must be between 16 and 1024"),
     ("decode_cpu.py", ["--dtypes", "float16"], "--dtypes takes float32, bfloat16"),
 ])
 def test_cpu_bench_scripts_refuse_bad_flags(script, args, message):

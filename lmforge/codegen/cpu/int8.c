@@ -8,15 +8,16 @@
  *
  *   y[m, n] = scales[n] * sum_k qw[n, k] x[m, k] + b[n],  summed in float32, rounded once to y's dtype
  *
- * x is widened to float32 once per call, its rows zero-padded to a multiple of 32 columns (each thread makes
+ * x is copied once per call, as float32, its rows zero-padded to a multiple of 32 columns (each thread makes
  * its own copy at decode sizes, which costs less than waiting for one). Per weight row, 16 codes at a time
  * become float32 lanes (vpmovsxbd, vcvtdq2ps: exact) and meet every row of x in FMAs, so the products are
  * those of the dequantized weight (q * x exact, the scale applied once at the end). R weight rows are taken
  * at once (4 for one row of x, 2 for two, 1 for more), two sums each, so that eight or more chains of FMAs
  * are in flight; the next block of R rows is prefetched in address order (R interleaved streams of short
  * rows escape the hardware prefetcher, as in int4.c). A larger M runs in chunks of INT8_ROWS rows of x over
- * tiles of INT8_TILE weight rows that stay in cache. Threads take contiguous blocks of weight rows. Without
- * AVX-512 the same loops run in plain C. */
+ * tiles of INT8_TILE weight rows that stay in cache. Threads take contiguous blocks of weight rows. Calls of
+ * INT8_DOT_ROWS rows or more of bfloat16 x take the dot path instead (AVX512-BF16: x copied as bfloat16, codes
+ * made bfloat16 for vdpbf16ps; see int8_rows_dot). Without AVX-512 the same loops run in plain C. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -34,7 +35,7 @@
 #define INT8_TILE 16  /* weight rows reused from cache across chunks of x when M > INT8_ROWS */
 #define INT8_STEP 32  /* columns per step: x's rows are padded to a multiple of it */
 #ifndef INT8_DOT_ROWS
-#define INT8_DOT_ROWS 2  /* bfloat16 x with at least this many rows takes the dot path where there is one */
+#define INT8_DOT_ROWS 8  /* bfloat16 x with at least this many rows takes the dot path where there is one */
 #endif
 
 typedef struct {
@@ -101,9 +102,12 @@ static inline __attribute__((always_inline)) void int8_rows(const int8_args *a, 
 
 #if INT8_SIMD && defined(__AVX512BF16__)
 #define INT8_DOT 1
-/* Dot path (bfloat16 x, AVX512-BF16): the same sums with 32 codes a step made bfloat16 (exact: |q| <= 127 has 7
- * significant bits, bfloat16 8) and multiplied with x's pairs by vdpbf16ps, one instruction per row of x
- * where the float path takes two FMAs and two loads: the rows of x, not the codes, are what a batch multiplies */
+/* Dot path (bfloat16 x, AVX512-BF16, calls of INT8_DOT_ROWS rows or more): the same sums with 32 codes a step made
+ * bfloat16 (exact: |q| <= 127 has 7 significant bits, bfloat16 8) and multiplied with x's pairs by vdpbf16ps, one
+ * instruction per row of x where the float path takes two FMAs and two loads. Making the codes bfloat16 costs
+ * more than widening them to float32 (vcvtne2ps2bf16 on top), so it pays only with many rows of x: measured on a
+ * 2-core Xeon (2 threads), M = 8 at K = 2048-8192 1.3-1.4x faster than the float path, the same at K = 576;
+ * M = 1-4 1.1-1.6x slower. */
 static inline __attribute__((always_inline)) void int8_rows_dot(const int8_args *a, int64_t n0, int64_t n1,
                                                                  int64_t m0, int R, int M) {
     const int64_t K = a->K, Kp = a->Kp, full = K / INT8_STEP * INT8_STEP;
