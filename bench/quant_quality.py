@@ -12,7 +12,7 @@ On a model this small the perplexity moves by a few tenths of a percent between 
 round-to-nearest schemes.
 
 Rows: unquantized; int4 round-to-nearest at group sizes 32/64/128, asymmetric and symmetric; int4 with
-HQQ's zero-point search; fp8 dynamic; and, for comparison on the same weights, torchao's own int4
+HQQ's zero-point search; fp8 dynamic; int8 weight-only per channel; and, for comparison on the same weights, torchao's own int4
 weight-only numerics (its tinygemm scheme: float zero points, scale = (max - min) / 15, bf16 scales and
 zeros), applied as fake quantization to the Hugging Face weights before an unquantized optimize. Each row
 runs with bfloat16 and with float32 compute (int4 scales and zero points in that dtype); all keep lm_head
@@ -59,19 +59,17 @@ def torchao_int4_fake_quant(model: torch.nn.Module, group_size: int) -> torch.nn
 
 def weight_error(weights: dict[str, torch.Tensor], original: dict[str, torch.Tensor], layers) -> float:
     """Relative Frobenius error of `layers`' weights in `weights` (float, or packed as lmforge stores them)."""
-    from lmforge.quant import fp8, int4
+    from lmforge.quant import handler
 
     err = total = 0.0
     for layer, cfg in layers.items():
         w = original[f"{layer}.weight"].double()
         if cfg is None:
             got = weights[f"{layer}.weight"].double()
-        elif cfg["scheme"] == "int4":
-            p = int4.Int4Weight(weights[f"{layer}.qweight"], weights[f"{layer}.scales"],
-                                weights.get(f"{layer}.zeros"), cfg["group_size"])
-            got = int4.dequantize(p).double()
-        else:
-            got = fp8.dequantize(fp8.Fp8Weight(weights[f"{layer}.qweight"], weights[f"{layer}.scales"])).double()
+        else:  # the scheme's own dequantize, on the layer's packed tensors by suffix
+            scheme = handler(cfg["scheme"])
+            packed = {k.removeprefix(f"{layer}."): t for k, t in weights.items() if k.startswith(f"{layer}.")}
+            got = scheme.dequantize(packed, scheme.config(**{k: v for k, v in cfg.items() if k != "scheme"})).double()
         err += float(((got - w) ** 2).sum())
         total += float((w ** 2).sum())
     return (err / total) ** 0.5
@@ -86,6 +84,7 @@ def rows(quick: bool):
         yield f"int4 g{g} sym rtn", dict(quant="int4", group_size=g, symmetric=True), None
     yield "int4 g128 asym hqq", dict(quant="int4", group_size=128, quant_method="hqq"), None
     yield "fp8 dynamic", dict(quant="fp8"), None
+    yield "int8 per channel", dict(quant="int8"), None
     for g in groups:
         yield f"torchao int4 g{g} (fake quant)", {}, g
 
