@@ -1,4 +1,4 @@
-"""lmforge's quantized matmul kernels (`codegen/kernels/int4.py`, `fp8.py`) against bf16 cuBLAS and PyTorch's own
+"""lmforge's quantized matmul kernels (`codegen/kernels/int4.py`, `fp8.py`, `int8.py`) against bf16 cuBLAS and PyTorch's own
 quantized GEMMs on one GPU, on Llama-3-8B's linear layers, bf16 activations.
 
 Shapes (N, K): q/o (4096, 4096), k/v (1024, 4096), gate/up (14336, 4096), down (4096, 14336).
@@ -14,13 +14,18 @@ fp8 (e4m3 weight, per-channel scale, x quantized per token inside the kernel), M
 4096, against bf16 and `torch._scaled_mm` with row-wise scales, timed with the torch quantization of x it
 needs (as `lmforge::fp8_linear` runs it), where the GPU has it (compute capability 8.9+).
 
+int8 weight-only (per-channel float32 scale, bf16 x), M = 1, 16, 256, 1024, against bf16 and PyTorch's
+`aten._weight_int8pack_mm` (torchao's int8 weight-only kernel, scales in x's dtype) where the build has it.
+
     FLOPs       = 2 * M * N * K;   TFLOP/s = FLOPs / time
     weight B    = int4: N * K / 2 + 2 * (N * K / 128) * 2  (packed nibbles, bf16 scales and zeros)
-                  fp8:  N * K + 4 * N;   bf16: 2 * N * K
+                  fp8 and int8:  N * K + 4 * N;   bf16: 2 * N * K
     GB/s        = weight bytes / time (activations and outputs not counted: they matter only at large M)
     BW %        = GB/s / measured read bandwidth (a 2 GiB reduction, as bench/attention.py measures it)
-    vs bf16     = bf16 time / lmforge time (> 1: lmforge faster);  vs base = tinygemm or _scaled_mm likewise
-    max err     = max |lmforge - reference| (`int4_reference` / `fp8_reference`: float32 math, bf16 output)
+    vs bf16     = bf16 time / lmforge time (> 1: lmforge faster);  vs base = tinygemm, _scaled_mm or
+                  _weight_int8pack_mm likewise
+    max err     = max |lmforge - reference| (`int4_reference` / `fp8_reference` / `int8_reference`: float32
+                  math, bf16 output)
 
 Times are medians of `triton.testing.do_bench`; the first call of each shape autotunes (cached on disk).
 Needs a CUDA GPU.
@@ -40,12 +45,13 @@ import torch
 import torch.nn.functional as F
 from _gpu import setup
 
-from lmforge.quant import fp8, int4
+from lmforge.quant import fp8, int4, int8
 
 LLAMA_8B = [("q/o", 4096, 4096), ("k/v", 1024, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)]
 GROUP = 128
 INT4_M = ((1, 4, 16, 64, 256, 1024), (1, 16, 1024))  # all, --quick
 FP8_M = ((1, 16, 256, 512, 1024, 4096), (1, 256, 4096))
+INT8_M = ((1, 16, 256, 1024), (1, 256))
 
 
 def shape_rows(ms: tuple[tuple[int, ...], tuple[int, ...]], smoke_k: int, quick: bool, smoke: bool):
@@ -111,11 +117,27 @@ def scaled_mm(x, weight, weight_scale):
     return run
 
 
+def int8pack_mm(x, qweight, scales):
+    """PyTorch's int8 weight-only kernel on the same codes, its scales in x's dtype; None where unsupported."""
+    scales_x = scales.to(x.dtype)
+
+    def run():
+        return torch.ops.aten._weight_int8pack_mm(x, qweight, scales_x)
+
+    try:
+        run()
+    except (RuntimeError, NotImplementedError) as e:
+        print(f"# _weight_int8pack_mm unavailable: {str(e).splitlines()[0][:120]}")
+        return None
+    return run
+
+
 def main() -> None:
     args, dev, do_bench, bandwidth = setup(__doc__, "bench/quant_gemm.py")
     from lmforge.codegen.kernels import fp8 as fp8_kernels
     from lmforge.codegen.kernels import int4 as int4_kernels
-    from lmforge.codegen.quant_linear import fp8_reference, int4_reference
+    from lmforge.codegen.kernels import int8 as int8_kernels
+    from lmforge.codegen.quant_linear import fp8_reference, int4_reference, int8_reference
 
     gen = torch.Generator().manual_seed(0)
     dtype = torch.bfloat16
@@ -146,6 +168,18 @@ def main() -> None:
         theirs = scaled_mm(x, weight, weight_scale)
         t_ours, t_bf16 = do_bench(ours), do_bench(lambda: F.linear(x, w_bf16))
         row("fp8", name, M, N, K, t_ours, t_bf16, "_scaled_mm", do_bench(theirs) if theirs else None,
+            N * K + 4 * N, err)
+
+    for name, N, K, M in shape_rows(INT8_M, 96, args.quick, args.smoke):
+        p = int8.quantize(torch.randn(N, K, generator=gen) * 0.02)
+        qweight, scales = p.qdata.to(dev), p.scale.to(dev)
+        x = torch.randn(M, K, generator=gen).to(dev, dtype)
+        w_bf16 = int8.dequantize(int8.Int8Weight(qweight, scales), dtype)
+        ours = lambda: int8_kernels.int8_matmul(x, qweight, scales)  # noqa: E731
+        err = (ours().float() - int8_reference(x, qweight, scales).float()).abs().max().item()
+        theirs = int8pack_mm(x, qweight, scales)
+        t_ours, t_bf16 = do_bench(ours), do_bench(lambda: F.linear(x, w_bf16))
+        row("int8", name, M, N, K, t_ours, t_bf16, "int8pack_mm", do_bench(theirs) if theirs else None,
             N * K + 4 * N, err)
 
     if args.json:

@@ -16,13 +16,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(not os.environ.get("TRITON_INTERPRET") == "1", reason="the smoke run is for CPU machines")
 @pytest.mark.parametrize("script, kinds", [("attention.py", ("| prefill", "| decode")),
-                                           ("quant_gemm.py", ("| int4", "| fp8"))])
+                                           ("quant_gemm.py", ("| int4", "| fp8", "| int8"))])
 def test_gpu_bench_smoke(script, kinds):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], capture_output=True,
                             text=True, timeout=300, cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line for line in result.stdout.splitlines() if line.startswith(kinds)]
-    assert len(rows) == 4
+    assert len(rows) == 2 * len(kinds)  # two shapes of each kind
     for row in rows:  # bf16 outputs against SDPA, or against the float32 reference
         assert float(row.rstrip(" |").split("|")[-1]) < 5e-2, row
 
