@@ -35,8 +35,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lmforge.codegen.kernels.split_k import (INTERPRET, check_bias, check_x, config_table, grouped_tile, m_bucket,
-                                             nominal_tiles, prune_tiles, split_k, store_out, sum_splits)
+from lmforge.codegen.kernels.split_k import (INTERPRET, check_bias, check_channel_weight, check_x, config_table,
+                                             filled_trivially, grouped_tile, launch_plan, m_bucket, prune_tiles,
+                                             store_out, sum_splits)
 from lmforge.quant.fp8 import EPS as FP8_EPS  # floor of max |x[m, :]|, so an all-zero row gets a finite scale
 from lmforge.quant.fp8 import FP8_MAX  # largest finite float8_e4m3fn
 
@@ -146,25 +147,14 @@ def fp8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     forces the number of K splits (a test hook)."""
     x = check_x("fp8_matmul", x)
     M, K = x.shape
-    if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2 or weight.shape[1] != K:
-        raise ValueError(f"fp8_matmul: weight must be (N, K) = (N, {K}) float8_e4m3fn for x of K={K}, "
-                         f"got {weight.dtype} {tuple(weight.shape)}")
-    N = weight.shape[0]
-    if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (N,):
-        raise ValueError(f"fp8_matmul: weight_scale must be float32 ({N},), "
-                         f"got {weight_scale.dtype} {tuple(weight_scale.shape)}")
-    for name, t in (("weight", weight), ("weight_scale", weight_scale)):
-        if t.device != x.device:
-            raise ValueError(f"fp8_matmul: {name} is on {t.device}, x on {x.device}")
+    N = check_channel_weight("fp8_matmul", x, weight, torch.float8_e4m3fn, weight_scale, "weight", "weight_scale")
     check_bias("fp8_matmul", bias, N, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0 or K == 0:
-        return y.zero_() if bias is None or M == 0 else y.copy_(bias.expand(M, N))
+    if filled_trivially(y, K, bias):
+        return y
     weight, weight_scale = weight.contiguous(), weight_scale.contiguous()
     bias = None if bias is None else bias.contiguous()
-    k_chunk, n_splits = split_k(nominal_tiles(M, N), M, K, FP8_SPLIT_ALIGN, x.device, n_splits)
-    partial = torch.empty(n_splits, M, N, dtype=torch.float32, device=x.device) if n_splits > 1 else y
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
+    k_chunk, n_splits, partial, grid = launch_plan(y, K, FP8_SPLIT_ALIGN, n_splits)
     fp8_dot = _fp8_dot(x.device)
     _fp8_matmul_kernel[grid](
         x, weight if fp8_dot else weight.view(torch.uint8), weight_scale, y if bias is None else bias, y, partial,

@@ -35,8 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from lmforge.codegen.kernels.split_k import (INTERPRET, SMALL_M, check_bias, check_x, config_table, grouped_tile,
-                                             m_bucket, nominal_tiles, prune_tiles, split_k, store_out, sum_splits)
+from lmforge.codegen.kernels.split_k import (INTERPRET, SMALL_M, check_bias, check_x, config_table, filled_trivially,
+                                             grouped_tile, launch_plan, m_bucket, prune_tiles, store_out, sum_splits)
 
 # --- autotune configurations, as data (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) -------
 
@@ -205,18 +205,16 @@ def int4_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     M, K = x.shape
     N = qweight.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0 or K == 0:
-        return y.zero_() if bias is None or M == 0 else y.copy_(bias.expand(M, N))
+    if filled_trivially(y, K, bias):
+        return y
     qweight, scales = qweight.contiguous(), scales.contiguous()
     if qweight.data_ptr() % 16:  # the GEMV reads 32-bit words (and every path vectorizes better aligned)
         qweight = qweight.clone()
     zeros = None if zeros is None else zeros.contiguous()
     bias = None if bias is None else bias.contiguous()
-    k_chunk, n_splits = split_k(nominal_tiles(M, N), M, K, group_size, x.device, n_splits)
-    partial = torch.empty(n_splits, M, N, dtype=torch.float32, device=x.device) if n_splits > 1 else y
+    k_chunk, n_splits, partial, grid = launch_plan(y, K, group_size, n_splits)
     kernel = _int4_gemv if M <= SMALL_M else _int4_tiled
     upcast = INTERPRET and x.dtype == torch.bfloat16  # the interpreter's bf16 tl.dot is wrong: go through fp32
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
     kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, y if bias is None else bias, y, partial,
         M, N, K, x.stride(0), y.stride(0), k_chunk, m_bucket(M),

@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from lmforge.codegen.kernels.split_k import (INTERPRET, check_bias, check_x, config_table, grouped_tile, m_bucket,
-                                             nominal_tiles, prune_tiles, split_k, store_out, sum_splits)
+from lmforge.codegen.kernels.split_k import (INTERPRET, check_bias, check_channel_weight, check_x, config_table,
+                                             grouped_tile, launch_plan, m_bucket, prune_tiles, store_out, sum_splits,
+                                             filled_trivially)
 
 # --- autotune configurations, as data (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) -------
 
@@ -94,24 +95,14 @@ def int8_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bi
     forces the number of K splits (a test hook)."""
     x = check_x("int8_matmul", x)
     M, K = x.shape
-    if qweight.dtype != torch.int8 or qweight.dim() != 2 or qweight.shape[1] != K:
-        raise ValueError(f"int8_matmul: qweight must be (N, K) = (N, {K}) int8 for x of K={K}, "
-                         f"got {qweight.dtype} {tuple(qweight.shape)}")
-    N = qweight.shape[0]
-    if scales.dtype != torch.float32 or tuple(scales.shape) != (N,):
-        raise ValueError(f"int8_matmul: scales must be float32 ({N},), got {scales.dtype} {tuple(scales.shape)}")
-    for name, t in (("qweight", qweight), ("scales", scales)):
-        if t.device != x.device:
-            raise ValueError(f"int8_matmul: {name} is on {t.device}, x on {x.device}")
+    N = check_channel_weight("int8_matmul", x, qweight, torch.int8, scales, "qweight", "scales")
     check_bias("int8_matmul", bias, N, x.device)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M == 0 or N == 0 or K == 0:
-        return y.zero_() if bias is None or M == 0 else y.copy_(bias.expand(M, N))
+    if filled_trivially(y, K, bias):
+        return y
     qweight, scales = qweight.contiguous(), scales.contiguous()
     bias = None if bias is None else bias.contiguous()
-    k_chunk, n_splits = split_k(nominal_tiles(M, N), M, K, INT8_SPLIT_ALIGN, x.device, n_splits)
-    partial = torch.empty(n_splits, M, N, dtype=torch.float32, device=x.device) if n_splits > 1 else y
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), n_splits)  # noqa: E731
+    k_chunk, n_splits, partial, grid = launch_plan(y, K, INT8_SPLIT_ALIGN, n_splits)
     _int8_matmul_kernel[grid](
         x, qweight, scales, y if bias is None else bias, y, partial,
         M, N, K, x.stride(0), y.stride(0), k_chunk, m_bucket(M),

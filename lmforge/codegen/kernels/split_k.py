@@ -1,5 +1,6 @@
-"""What the int4 and fp8 matmul kernel families (`int4.py`, `fp8.py`) share: the grouped tile order, split-K,
-the store of a finished tile or of one split's partial sums, and the launchers' input checks.
+"""What the int4, fp8 and int8 matmul kernel families (`int4.py`, `fp8.py`, `int8.py`) share: the grouped tile
+order, split-K, the store of a finished tile or of one split's partial sums, the launchers' input checks and their
+launch plan.
 
 Both compute y (M, N) = x (M, K) @ W.T (+ bias) with a grid (tiles, n_splits). Tiles run in grouped order
 (`grouped_tile`: GROUP_M rows of tiles share their weight tiles in L2). Split-K: when the output tiles alone
@@ -149,6 +150,45 @@ def check_x(name: str, x: torch.Tensor) -> torch.Tensor:
     if x.dtype not in FLOATS:
         raise ValueError(f"{name}: x must be float16, bfloat16 or float32, got {x.dtype}")
     return x if x.stride(1) == 1 else x.contiguous()
+
+
+def check_channel_weight(name: str, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype, scale: torch.Tensor,
+                         weight_arg: str, scale_arg: str) -> int:
+    """A per-output-channel quantized weight beside x (M, K): `weight` (N, K) of `dtype` and `scale` (N,) float32,
+    both on x's device (fp8 and int8); returns N, or raises a ValueError naming the argument."""
+    K = x.shape[1]
+    if weight.dtype != dtype or weight.dim() != 2 or weight.shape[1] != K:
+        raise ValueError(f"{name}: {weight_arg} must be (N, K) = (N, {K}) {str(dtype).removeprefix('torch.')} for x "
+                         f"of K={K}, got {weight.dtype} {tuple(weight.shape)}")
+    N = weight.shape[0]
+    if scale.dtype != torch.float32 or tuple(scale.shape) != (N,):
+        raise ValueError(f"{name}: {scale_arg} must be float32 ({N},), got {scale.dtype} {tuple(scale.shape)}")
+    for arg, t in ((weight_arg, weight), (scale_arg, scale)):
+        if t.device != x.device:
+            raise ValueError(f"{name}: {arg} is on {t.device}, x on {x.device}")
+    return N
+
+
+def filled_trivially(y: torch.Tensor, K: int, bias: torch.Tensor | None) -> bool:
+    """Is there nothing to multiply (M, N or K is 0)? Then y (M, N) is filled (bias, or 0) and True."""
+    M, N = y.shape
+    if M and N and K:
+        return False
+    y.zero_() if bias is None or M == 0 else y.copy_(bias.expand(M, N))
+    return True
+
+
+def launch_plan(y: torch.Tensor, K: int, align: int, n_splits: int | None):
+    """(k_chunk, n_splits, partial, grid) for a matmul into y (M, N): the K split (`split_k`), the float32 partials
+    it needs (y itself with one split) and the grid over the autotuned tile sizes."""
+    M, N = y.shape
+    k_chunk, n_splits = split_k(nominal_tiles(M, N), M, K, align, y.device, n_splits)
+    partial = torch.empty(n_splits, M, N, dtype=torch.float32, device=y.device) if n_splits > 1 else y
+
+    def grid(meta):
+        return triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]), n_splits
+
+    return k_chunk, n_splits, partial, grid
 
 
 def check_bias(name: str, bias: torch.Tensor | None, N: int, device: torch.device) -> None:
