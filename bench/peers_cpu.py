@@ -122,6 +122,15 @@ def lmforge_rates(eng, ids: torch.Tensor) -> tuple[float, float]:
     return best_rates(run, ids[0], ids[0, :1])
 
 
+def print_table(lines: list[tuple[str, ...]]) -> None:
+    """Rows of cells as aligned columns (the first two left-aligned, numbers right), a rule under the header."""
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    for k, line in enumerate(lines):
+        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
 def save_hf(out: Path, shape: str) -> None:
     """The benchmark's weights (`shape`, a decode_cpu.SHAPES name) as a Hugging Face folder, with the demo model's
     tokenizer files."""
@@ -200,11 +209,7 @@ def main() -> None:
         peer_pp, peer_tg = max((v[0] for v in peers), default=0), max((v[1] for v in peers), default=0)
         lines.append((precision, engine, f"{tg:.1f}", f"{pp:.0f}", f"{tg / peer_tg:.2f}x" if peer_tg else "-",
                       f"{pp / peer_pp:.2f}x" if peer_pp else "-"))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-    for k, line in enumerate(lines):
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(lines)
 
 
 if __name__ == "__main__":

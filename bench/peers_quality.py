@@ -51,7 +51,7 @@ from lmforge.runtime.evaluate import perplexity
 
 sys.path.insert(0, str(Path(__file__).parent))
 from decode_cpu import cpu_model  # noqa: E402
-from peers_cpu import ORT_GENAI  # noqa: E402
+from peers_cpu import ORT_GENAI, ort_genai_model, print_table  # noqa: E402
 
 # lmforge rows: name -> (label, optimize arguments)
 LMFORGE = {"float32": ("float32", dict(dtype="float32")), "bfloat16": ("bfloat16", dict(dtype="bfloat16")),
@@ -105,8 +105,6 @@ def ort_perplexity(model_dir: Path, ids: list[int], window: int, threads: int) -
 
 
 def ort_rows(names: list[str], ids: list[int], window: int, threads: int, work: Path) -> dict[str, float]:
-    from peers_cpu import ort_genai_model
-
     rows = {}
     for name in names:
         out = work / f"ort-{name}"
@@ -166,11 +164,7 @@ def main() -> None:
         base = rows.get(BASELINE[engine])
         for precision, ppl in rows.items():
             lines.append((engine, precision, f"{ppl:.4f}", f"{100 * (ppl / base - 1):+.2f} %" if base else "-"))
-    widths = [max(len(line[i]) for line in lines) for i in range(4)]
-    for k, line in enumerate(lines):
-        print("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-        if k == 0:
-            print("  ".join("-" * w for w in widths))
+    print_table(lines)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 order, split-K, the store of a finished tile or of one split's partial sums, the launchers' input checks and their
 launch plan.
 
-Both compute y (M, N) = x (M, K) @ W.T (+ bias) with a grid (tiles, n_splits). Tiles run in grouped order
+All three compute y (M, N) = x (M, K) @ W.T (+ bias) with a grid (tiles, n_splits). Tiles run in grouped order
 (`grouped_tile`: GROUP_M rows of tiles share their weight tiles in L2). Split-K: when the output tiles alone
 would leave SMs idle, K is cut into n_splits chunks (`split_k`); every program writes float32 partials
 PARTIAL (n_splits, M, N) and `_sum_splits_kernel` adds them in split order (deterministic), adds the bias and
