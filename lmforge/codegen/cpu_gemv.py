@@ -1,5 +1,5 @@
 """The CPU decode kernels: `cpu/gemv.c`, `cpu/gemv_f32.c`, `cpu/norm.c`, `cpu/int4.c`, `cpu/int4_q8.c`,
-`cpu/int8.c` and `cpu/attention.c`,
+`cpu/int8.c`, `cpu/dequant.c` and `cpu/attention.c`,
 built on first use with the machine's C compiler, with `cpu/program.c`, which runs a recorded list of their calls
 (`cpu_program.py`).
 
@@ -19,6 +19,9 @@ built on first use with the machine's C compiler, with `cpu/program.c`, which ru
     kernel().int8(x, qweight, scales, bias=None) -> y
                                          x (..., K) bfloat16 or float32, any number of rows; qweight (N, K) int8,
                                          scales (N,) float32: y = scales * (x @ qweight^T) + bias (int8.c)
+    kernel().dequant_int4(qweight, scales, zeros, group_size, n0, n1, out), kernel().dequant_int8(qweight, scales,
+                          n0, n1, out)   weight rows n0..n1 dequantized into out, bfloat16 or float32 (dequant.c;
+                                         the prefill route of `cpu_dequant.py`)
     kernel().attention(q, k, v, k_cache, v_cache, mask, scale, window) -> out
     kernel().qkv_attention(qkv, cos, sin, k_cache, v_cache, mask, q_heads, kv_heads, head_dim, v_head_dim, scale,
                            window) -> out
@@ -53,7 +56,8 @@ from lmforge.errors import ArtifactError
 
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
 SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4.c", "int4_q8.c",
-                                                     "int8.c", "attention.c", "program.c"))
+                                                     "int8.c", "dequant.c", "attention.c",
+                                                     "program.c"))
 HEADERS = tuple(SOURCE.with_name(name) for name in ("bf16.h", "vmath.h", "rows.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")  # products rounded as PyTorch rounds them
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
@@ -167,6 +171,14 @@ class Kernel:
         i8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 4 + \
             [ctypes.c_int]
         self._int8 = i8
+        dq4 = self.lib.dequant_int4
+        dq4.restype = ctypes.c_int
+        dq4.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4 + [ctypes.c_void_p, ctypes.c_int,
+                                                                                          ctypes.c_int]
+        dq8 = self.lib.dequant_int8
+        dq8.restype = ctypes.c_int
+        dq8.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        self._dequant_int4, self._dequant_int8 = dq4, dq8
         att = self.lib.attention_decode
         att.restype = ctypes.c_int
         att.argtypes = [ctypes.c_int] + ([ctypes.c_void_p] + [ctypes.c_int64] * 2) * 3 + \
@@ -324,6 +336,27 @@ class Kernel:
             raise MemoryError(f"gemm_int8: no memory for its copy of x ({M} x {K})") if err == -2 else \
                 ValueError(f"gemm_int8: sizes it does not take ({M=} {N=} {K=})")
         return y
+
+    def dequant_int4(self, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+                     n0: int, n1: int, out: torch.Tensor) -> torch.Tensor:
+        """Rows n0..n1 of the int4 weight `Kernel.int4` multiplies with, dequantized into `out` ((n1 - n0, K)
+        contiguous, bfloat16 or float32): (q - zeros) * scales in float32, rounded once (dequant.c)."""
+        K = qweight.shape[1] * 2
+        if self._dequant_int4(qweight.data_ptr(), scales.data_ptr(), None if zeros is None else zeros.data_ptr(),
+                              scales.dtype == torch.bfloat16, group_size, K, n0, n1, out.data_ptr(),
+                              out.dtype == torch.bfloat16, torch.get_num_threads()):
+            raise ValueError(f"dequant_int4: sizes it does not take ({group_size=} {K=} {n0=} {n1=})")
+        return out
+
+    def dequant_int8(self, qweight: torch.Tensor, scales: torch.Tensor, n0: int, n1: int,
+                     out: torch.Tensor) -> torch.Tensor:
+        """Rows n0..n1 of the int8 weight, qweight * scales[:, None] rounded once, into `out` ((n1 - n0, K)
+        contiguous, bfloat16 or float32) (dequant.c)."""
+        K = qweight.shape[1]
+        if self._dequant_int8(qweight.data_ptr(), scales.data_ptr(), K, n0, n1, out.data_ptr(),
+                              out.dtype == torch.bfloat16, torch.get_num_threads()):
+            raise ValueError(f"dequant_int8: sizes it does not take ({K=} {n0=} {n1=})")
+        return out
 
 
 def _rows(t: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:
