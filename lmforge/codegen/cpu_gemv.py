@@ -1,5 +1,5 @@
 """The CPU decode kernels: `cpu/gemv.c`, `cpu/gemv_f32.c`, `cpu/norm.c`, `cpu/int4.c`, `cpu/int4_q8.c`,
-`cpu/int8.c`, `cpu/dequant.c` and `cpu/attention.c`,
+`cpu/int8.c`, `cpu/dequant.c`, `cpu/amx.c` and `cpu/attention.c`,
 built on first use with the machine's C compiler, with `cpu/program.c`, which runs a recorded list of their calls
 (`cpu_program.py`).
 
@@ -21,7 +21,10 @@ built on first use with the machine's C compiler, with `cpu/program.c`, which ru
                                          scales (N,) float32: y = scales * (x @ qweight^T) + bias (int8.c)
     kernel().dequant_int4(qweight, scales, zeros, group_size, n0, n1, out), kernel().dequant_int8(qweight, scales,
                           n0, n1, out)   weight rows n0..n1 dequantized into out, bfloat16 or float32 (dequant.c;
-                                         the prefill route of `cpu_dequant.py`)
+                                         the prefill routes of `cpu_prefill.py`)
+    kernel().amx(x, w, scales=None, zeros=None, group_size=0, bias=None) -> y
+                                         bfloat16 x with many rows against bfloat16, int4 or int8 weights on AMX
+                                         tiles, where `kernel().amx_available` (amx.c; `cpu_prefill.py`)
     kernel().attention(q, k, v, k_cache, v_cache, mask, scale, window) -> out
     kernel().qkv_attention(qkv, cos, sin, k_cache, v_cache, mask, q_heads, kv_heads, head_dim, v_head_dim, scale,
                            window) -> out
@@ -56,9 +59,9 @@ from lmforge.errors import ArtifactError
 
 SOURCE = Path(__file__).with_name("cpu") / "gemv.c"
 SOURCES = tuple(SOURCE.with_name(name) for name in ("gemv.c", "gemv_f32.c", "norm.c", "int4.c", "int4_q8.c",
-                                                     "int8.c", "dequant.c", "attention.c",
+                                                     "int8.c", "dequant.c", "amx.c", "attention.c",
                                                      "program.c"))
-HEADERS = tuple(SOURCE.with_name(name) for name in ("bf16.h", "vmath.h", "rows.h"))
+HEADERS = tuple(SOURCE.with_name(name) for name in ("bf16.h", "vmath.h", "rows.h", "dequant.h"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-shared", "-fPIC")  # products rounded as PyTorch rounds them
 MAX_ROWS = 8  # GEMV_MAX_ROWS in gemv.c
 Q8_MAX_ROWS = 8  # Q8_MAX_ROWS in int4_q8.c
@@ -70,6 +73,7 @@ _QUANT_X_DTYPES = (torch.bfloat16, torch.float32)
 GEMV_DTYPES = (torch.bfloat16, torch.float32)  # gemv_bf16 (gemv.c), gemv_f32 (gemv_f32.c)
 GLU_ACTS = ("silu", "gelu_tanh")  # the activations glu_*_bf16 and glu_*_f32 in gemv.c compute
 GLU_DTYPES = (torch.bfloat16, torch.float32)
+AMX_BF16, AMX_INT4, AMX_INT8 = 0, 1, 2  # amx_matmul's kinds of weight (amx.c)
 
 
 def int4_activations() -> str:
@@ -179,6 +183,11 @@ class Kernel:
         dq8.restype = ctypes.c_int
         dq8.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3 + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._dequant_int4, self._dequant_int8 = dq4, dq8
+        amx = self.lib.amx_matmul
+        amx.restype = ctypes.c_int
+        amx.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + \
+            [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
+        self._amx = amx
         att = self.lib.attention_decode
         att.restype = ctypes.c_int
         att.argtypes = [ctypes.c_int] + ([ctypes.c_void_p] + [ctypes.c_int64] * 2) * 3 + \
@@ -357,6 +366,31 @@ class Kernel:
                               out.dtype == torch.bfloat16, torch.get_num_threads()):
             raise ValueError(f"dequant_int8: sizes it does not take ({K=} {n0=} {n1=})")
         return out
+
+    @functools.cached_property
+    def amx_available(self) -> bool:
+        """Has this build AMX, and may this process use it (amx.c asks Linux for the tile state once)?"""
+        return bool(self.lib.amx_available())
+
+    def amx(self, x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None,
+            zeros: torch.Tensor | None = None, group_size: int = 0, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`linear(x, W, bias)` on AMX tiles (amx.c) for bfloat16 x (..., K): W is w itself ((N, K) bfloat16), int4
+        codes (w (N, K // 2) uint8 with `scales`, `zeros`, `group_size` as `int4` takes them) or int8 codes (w (N, K)
+        int8 with float32 `scales` (N,)), dequantized to bfloat16 first. The caller checks `amx_available` and the
+        operands (`supports`, `supports_int4`, `supports_int8`) first."""
+        kind = {torch.bfloat16: AMX_BF16, torch.uint8: AMX_INT4, torch.int8: AMX_INT8}[w.dtype]
+        N, K = w.shape[0], x.shape[-1]
+        x2, ldx = _rows(x, K)
+        M = x.numel() // K
+        y = x.new_empty((*x.shape[:-1], N))
+        err = self._amx(kind, x2.data_ptr(), ldx, w.data_ptr(), None if scales is None else scales.data_ptr(),
+                        None if zeros is None else zeros.data_ptr(), scales is not None and scales.dtype == torch.bfloat16,
+                        group_size, None if bias is None else bias.data_ptr(), y.data_ptr(), N, M, N, K,
+                        torch.get_num_threads())
+        if err:
+            raise MemoryError(f"amx_matmul: no memory for its copies of x ({M} x {K})") if err == -2 else \
+                ValueError(f"amx_matmul: a call it does not take ({M=} {N=} {K=} {group_size=})")
+        return y
 
 
 def _rows(t: torch.Tensor, K: int) -> tuple[torch.Tensor, int]:

@@ -3,8 +3,9 @@
     linear(x, w, b=None) -> y       x (..., K), w (N, K), b (N,) -> y (..., N); exactly F.linear's contract
 
 The runtime puts it in place of `aten.linear` at load time when it measures it faster (see
-`runtime/layout.py`); the artifact itself keeps `aten.linear`. Calls the kernel cannot take (other dtypes,
-more than `cpu_gemv.MAX_ROWS` rows, a prefill) go to `F.linear`, as do all calls off the CPU.
+`runtime/layout.py`); the artifact itself keeps `aten.linear`. bfloat16 calls with many rows (a prefill) go to
+AMX tiles where `cpu_prefill.py` measures that faster; other calls the kernel cannot take (other dtypes, more
+than `cpu_gemv.MAX_ROWS` rows) go to `F.linear`, as do all calls off the CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lmforge.codegen import cpu_gemv
+from lmforge.codegen import cpu_gemv, cpu_prefill
 from lmforge.ir.ops import LinearForm, OpFacts, register_op
 from lmforge.ir.verify import same_float_dtype
 
@@ -24,8 +25,12 @@ _lib.define("linear(Tensor x, Tensor w, Tensor? b=None) -> Tensor")
 
 def _linear_cpu(x, w, b=None):
     kernel = cpu_gemv.kernel()
-    if kernel is not None and cpu_gemv.supports(x, w, b):
-        return kernel(x, w, b)
+    if kernel is not None:
+        if cpu_gemv.supports(x, w, b):
+            return kernel(x, w, b)
+        y = cpu_prefill.linear(kernel, x, w, b)
+        if y is not None:
+            return y
     return F.linear(x, w, b)
 
 

@@ -15,9 +15,9 @@ Implementations, by device and `LMFORGE_KERNELS` (`codegen/dispatch.py`):
 - reference (PyTorch, any device): dequantize the weight and multiply in float32 (fp8: on the quantized
   activations, so the numbers are exactly the kernels' up to summation order);
 - CPU: int4 through lmforge's C kernel (`cpu_gemv.Kernel.int4`), with scales and zeros in float32 or bfloat16
-  (`_prepare_int4` widens others at load); int8 through `cpu_gemv.Kernel.int8`; calls with many rows of x
-  (prefill) of either may instead dequantize chunks of the weight and use PyTorch's matmul (`cpu_dequant.py`,
-  where that measures faster); fp8 through the reference;
+  (`_prepare_int4` widens others at load); int8 through `cpu_gemv.Kernel.int8`; calls of either with many rows
+  of x (prefill) by the way `cpu_prefill.py` measures fastest (AMX tiles, or PyTorch's matmul on dequantized
+  chunks of the weight, or those kernels); fp8 through the reference;
 - CUDA: int4 and int8 through the Triton kernels (`codegen/kernels/int4.py`, `int8.py`); fp8 through `torch._scaled_mm` with
   row-wise scales where the GPU has fp8 tensor cores (compute capability 8.9+), else the Triton kernel.
 """
@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from lmforge.codegen import cpu_dequant, cpu_gemv
+from lmforge.codegen import cpu_gemv, cpu_prefill
 from lmforge.codegen.dispatch import use_triton
 from lmforge.ir.ops import Casts, OpFacts, register_op
 from lmforge.ir.spec import spec_of
@@ -81,9 +81,8 @@ def int4_linear_impl(x, qweight, scales, zeros, group_size: int, bias=None):
     if x.device.type == "cpu":
         kernel = cpu_gemv.kernel()
         if kernel is not None and cpu_gemv.supports_int4(x, qweight, scales, zeros, group_size, bias):
-            if cpu_dequant.use_dequant(kernel, "int4", x):
-                return cpu_dequant.int4_matmul(kernel, x, qweight, scales, zeros, group_size, bias)
-            return kernel.int4(x, qweight, scales, zeros, group_size, bias)
+            y = cpu_prefill.int4_linear(kernel, x, qweight, scales, zeros, group_size, bias)
+            return kernel.int4(x, qweight, scales, zeros, group_size, bias) if y is None else y
     return int4_reference(x, qweight, scales, zeros, group_size, bias)
 
 
@@ -109,9 +108,8 @@ def int8_linear_impl(x, qweight, scales, bias=None):
     if x.device.type == "cpu":
         kernel = cpu_gemv.kernel()
         if kernel is not None and cpu_gemv.supports_int8(x, qweight, scales, bias):
-            if cpu_dequant.use_dequant(kernel, "int8", x):
-                return cpu_dequant.int8_matmul(kernel, x, qweight, scales, bias)
-            return kernel.int8(x, qweight, scales, bias)
+            y = cpu_prefill.int8_linear(kernel, x, qweight, scales, bias)
+            return kernel.int8(x, qweight, scales, bias) if y is None else y
     return int8_reference(x, qweight, scales, bias)
 
 

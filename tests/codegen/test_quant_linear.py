@@ -41,6 +41,7 @@ def test_int4_reference_matches_float64(zeros, bias, dtype):
 @pytest.mark.parametrize("M", [1, 4, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_op_uses_the_cpu_kernel_with_float32_scales(M, dtype, monkeypatch):
+    monkeypatch.setenv("LMFORGE_PREFILL", "kernel")  # 33 rows could take another way (test_cpu_prefill.py)
     x, q, scales, zeros, G, b = _int4_inputs(M=M, K=256, G=64, dtype=dtype)
     scales32, zeros32 = scales.float(), zeros.float()  # what the op's prepare hook gives the layer at load
     assert cpu_gemv.supports_int4(x, q, scales32, zeros32, G, b)
@@ -115,6 +116,7 @@ def test_int8_reference_matches_float64(bias, dtype):
 @pytest.mark.parametrize("M", [1, 4, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_op_uses_the_cpu_kernel(M, dtype, monkeypatch):
+    monkeypatch.setenv("LMFORGE_PREFILL", "kernel")  # 33 rows could take another way (test_cpu_prefill.py)
     x, q, s, b = _int8_inputs(M=M, K=200, dtype=dtype)
     calls, original = [], cpu_gemv.Kernel.int8
     monkeypatch.setattr(cpu_gemv.Kernel, "int8", lambda self, *a: calls.append(1) or original(self, *a))

@@ -1,0 +1,172 @@
+"""Prefill-sized matmuls on the CPU: which way a linear layer's call with many rows of x goes, and the ways.
+
+The decode kernels (`cpu/gemv.c`, `cpu/int4.c`, `cpu/int8.c`) are built for one to eight rows of x, where the
+weight's bytes set the time. With many rows (a prompt, a batch of 16) the matmul is bound by arithmetic, and
+three ways do it faster, each measured here:
+
+- `amx` (`cpu/amx.c`): bfloat16 x on Intel AMX tiles, the weight read straight from its rows (bfloat16) or
+  dequantized a block of 32 rows at a time into a buffer in cache (int4, int8). Only where the CPU has AMX and
+  grants it, and only up to `AMX_MAX_ROWS` rows, past which oneDNN's blocking wins.
+- `torch`: PyTorch's matmul (oneDNN; AMX where the CPU has it, else AVX512-BF16), for quantized weights on
+  `CHUNK_BYTES` of rows at a time dequantized into a buffer that stays in cache (`cpu/dequant.c`).
+- `kernel`: the decode kernels themselves (quantized weights only: a plain linear's own way is `torch`).
+
+Measured on a 2-core Xeon with AMX (2026-12-04, 2 threads), the linears of 30 SmolLM-135M layers with 32 rows of
+bfloat16 x, weights read from memory: bfloat16 weights by `torch` 19.8 ms, by `amx` 12.6 ms; int4 by `kernel`
+41.3 ms, `torch` 22.7 ms, `amx` 9.4 ms; int8 by `kernel` 50.3 ms, `torch` 25.4 ms, `amx` 14.1 ms.
+
+The quantized ways other than `kernel` round each weight to bfloat16 first (relative 2^-9: what Hugging Face
+computes with the dequantized weights); float32 x gets float32 weights (`torch` only).
+
+Calls with fewer than `MIN_ROWS` rows take the decode kernels. From there `ranking(kernel, scheme, dtype)` orders
+the ways this machine has, measured once per process on a prefill-shaped probe, and a call takes the first
+that applies. `LMFORGE_PREFILL` set to `kernel`, `torch` or `amx` overrides the measure where that way applies.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from lmforge.errors import ArtifactError
+
+WAYS = ("kernel", "torch", "amx")  # LMFORGE_PREFILL, besides the default "auto"
+SCHEMES = ("bf16", "int4", "int8")  # what `ranking` measures: a plain linear's weight dtype, or the scheme
+MIN_ROWS = 16  # rows of x from which a call leaves the decode kernels
+AMX_MAX_ROWS = 256  # above, oneDNN (`torch`) multiplies faster than amx.c (SmolLM shapes, 512 rows: 1.1x)
+CHUNK_BYTES = 4 << 20  # dequantized rows per `torch` matmul: measured best of 1, 2, 4 and 8 MiB on the Xeon
+
+_local = threading.local()  # each thread's chunk buffers, by dtype (an engine runs on one thread)
+
+
+def forced_way() -> str | None:
+    value = os.environ.get("LMFORGE_PREFILL", "auto")
+    if value == "auto":
+        return None
+    if value not in WAYS:
+        raise ArtifactError(f"LMFORGE_PREFILL={value!r}: use auto, {', '.join(WAYS)}")
+    return value
+
+
+def choose(kernel, scheme: str, x: torch.Tensor) -> str:
+    """The way this CPU call of `scheme` with activations `x` goes."""
+    rows = x.numel() // x.shape[-1]
+    if rows < MIN_ROWS:
+        return "kernel" if scheme != "bf16" else "torch"
+    ways = [w for w in ranking(kernel, scheme, x.dtype) if w != "amx" or rows <= AMX_MAX_ROWS]
+    forced = forced_way()
+    return forced if forced in ways else ways[0]
+
+
+def linear(kernel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`F.linear(x, w, b)` for bfloat16 x and w by amx.c where that is this call's way, else None (the caller runs
+    F.linear)."""
+    if not (x.dtype == w.dtype == torch.bfloat16 and x.is_cpu and w.is_cpu and w.dim() == 2 and w.is_contiguous()
+            and x.dim() >= 1 and x.shape[-1] == w.shape[1] and w.shape[1] > 0
+            and (b is None or (b.dtype == x.dtype and b.shape == (w.shape[0],) and b.is_contiguous()))):
+        return None
+    return kernel.amx(x, w, bias=b) if choose(kernel, "bf16", x) == "amx" else None
+
+
+def int4_linear(kernel, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`lmforge::int4_linear` by this call's way, or None where that is the int4 kernel (arguments as `Kernel.int4`
+    takes them, checked by `supports_int4`)."""
+    way = choose(kernel, "int4", x)
+    if way == "amx":
+        return kernel.amx(x, qweight, scales, zeros, group_size, bias)
+    if way == "torch":
+        return _chunked(x, qweight.shape[0], qweight.shape[1] * 2, bias,
+                        lambda n0, n1, out: kernel.dequant_int4(qweight, scales, zeros, group_size, n0, n1, out))
+    return None
+
+
+def int8_linear(kernel, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """`lmforge::int8_linear` by this call's way, or None where that is the int8 kernel."""
+    way = choose(kernel, "int8", x)
+    if way == "amx":
+        return kernel.amx(x, qweight, scales, bias=bias)
+    if way == "torch":
+        return _chunked(x, qweight.shape[0], qweight.shape[1], bias,
+                        lambda n0, n1, out: kernel.dequant_int8(qweight, scales, n0, n1, out))
+    return None
+
+
+def _buffer(elements: int, dtype: torch.dtype) -> torch.Tensor:
+    buffers = getattr(_local, "buffers", None)
+    if buffers is None:
+        buffers = _local.buffers = {}
+    buf = buffers.get(dtype)
+    if buf is None or buf.numel() < elements:  # kept: a fresh buffer per call would fault its pages in each time
+        buf = buffers[dtype] = torch.empty(elements, dtype=dtype)
+    return buf
+
+
+def _chunked(x: torch.Tensor, N: int, K: int, bias: torch.Tensor | None,
+             fill: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """x @ W^T (+ bias), W made `CHUNK_BYTES` of rows at a time by fill(n0, n1, out)."""
+    x2 = x.reshape(-1, K)
+    rows = max(1, min(N, CHUNK_BYTES // (K * x.element_size())))
+    buf = _buffer(rows * K, x.dtype)
+    if rows == N:
+        y = F.linear(x2, fill(0, N, buf[:N * K].view(N, K)), bias)
+    else:
+        y = x2.new_empty((x2.shape[0], N))
+        for n0 in range(0, N, rows):
+            n1 = min(N, n0 + rows)
+            w = fill(n0, n1, buf[:(n1 - n0) * K].view(n1 - n0, K))
+            y[:, n0:n1] = F.linear(x2, w, None if bias is None else bias[n0:n1])
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _best(fn: Callable[[], object], repeats: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def ranking(kernel, scheme: str, dtype: torch.dtype) -> tuple[str, ...]:
+    """The ways this machine has for `scheme` with `dtype` x, fastest first: timed on 32 rows of x against eight
+    SmolLM-sized (1536, 576) weights."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"ranking: scheme must be one of {SCHEMES}, got {scheme!r}")
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 576, generator=gen).to(dtype)
+    N, K = 1536, 576
+    amx = dtype == torch.bfloat16 and kernel.amx_available
+    ways: dict[str, Callable[[], object]] = {}
+    if scheme == "bf16":
+        ws = [torch.randn(N, K, generator=gen).to(dtype) for _ in range(8)]
+        ways["torch"] = lambda: [F.linear(x, w) for w in ws]
+        if amx:
+            ways["amx"] = lambda: [kernel.amx(x, w) for w in ws]
+    elif scheme == "int4":
+        args = [(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen),
+                 torch.rand(N, K // 64, generator=gen) / 64, None, 64) for _ in range(8)]
+        ways["kernel"] = lambda: [kernel.int4(x, *a) for a in args]
+        ways["torch"] = lambda: [_chunked(x, N, K, None, lambda n0, n1, out, a=a: kernel.dequant_int4(
+            a[0], a[1], a[2], a[3], n0, n1, out)) for a in args]
+        if amx:
+            ways["amx"] = lambda: [kernel.amx(x, *a) for a in args]
+    else:
+        args = [(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen),
+                 torch.rand(N, generator=gen) / 1024) for _ in range(8)]
+        ways["kernel"] = lambda: [kernel.int8(x, *a) for a in args]
+        ways["torch"] = lambda: [_chunked(x, N, K, None, lambda n0, n1, out, a=a: kernel.dequant_int8(
+            a[0], a[1], n0, n1, out)) for a in args]
+        if amx:
+            ways["amx"] = lambda: [kernel.amx(x, *a) for a in args]
+    times = {name: _best(fn) for name, fn in ways.items()}
+    return tuple(sorted(times, key=times.get))
