@@ -8,7 +8,8 @@ converted from the same weights) and in onnxruntime-genai (models its own builde
 
     tg64   64 decode tokens from an empty context, tokens/s (llama-bench's tg test; lmforge: generate 65 tokens
            after a 1-token prompt, less the time of generating 1)
-    pp32   a 32-token prompt, tokens/s (llama-bench's pp test; lmforge: `generate(ids, max_new_tokens=1)`)
+    pp32   a 32-token prompt (`--prompt N`: N tokens), tokens/s (llama-bench's pp test; lmforge:
+           `generate(ids, max_new_tokens=1)`)
 
 Each round runs every llama.cpp row (flash attention off and on, `-r 3`) and every lmforge row (best of 3); the
 best over `--rounds` rounds counts. llama.cpp is not installed by lmforge: build it yourself, then
@@ -86,7 +87,7 @@ def best_rates(run, prompt, first) -> tuple[float, float]:
 
 
 def ort_genai_rates(model, ids: torch.Tensor) -> tuple[float, float]:
-    """(pp32, tg64) tokens/s (best_rates) of an onnxruntime-genai model."""
+    """(pp, tg64) tokens/s (best_rates) of an onnxruntime-genai model."""
     import onnxruntime_genai as og
 
     def run(prompt, new: int) -> float:
@@ -103,16 +104,16 @@ def ort_genai_rates(model, ids: torch.Tensor) -> tuple[float, float]:
     return best_rates(run, prompt, prompt[:1])
 
 
-def llama_bench(binary: str, gguf: str, flash: str, threads: int) -> tuple[float, float]:
-    """(pp32, tg64) tokens/s from one llama-bench run of 3 repetitions."""
-    out = subprocess.run([binary, "-m", gguf, "-p", "32", "-n", "64", "-t", str(threads), "-r", "3", "-fa", flash,
+def llama_bench(binary: str, gguf: str, flash: str, threads: int, prompt: int = 32) -> tuple[float, float]:
+    """(pp, tg64) tokens/s from one llama-bench run of 3 repetitions, pp over `prompt` tokens."""
+    out = subprocess.run([binary, "-m", gguf, "-p", str(prompt), "-n", "64", "-t", str(threads), "-r", "3", "-fa", flash,
                           "-o", "json"], capture_output=True, text=True, check=True).stdout
     rates = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in json.loads(out)}
     return rates["pp"], rates["tg"]
 
 
 def lmforge_rates(eng, ids: torch.Tensor) -> tuple[float, float]:
-    """(pp32, tg64) tokens/s (best_rates) of an lmforge engine."""
+    """(pp, tg64) tokens/s (best_rates) of an lmforge engine."""
 
     def run(prompt: torch.Tensor, new: int) -> float:
         start = time.perf_counter()
@@ -152,6 +153,7 @@ def main() -> None:
     p.add_argument("--ort-genai", default="", help=f"onnxruntime-genai rows, comma-separated: {', '.join(ORT_GENAI)}")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best counts (default 3)")
     p.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt tokens of the pp test (default 32)")
     args = p.parse_args()
     if args.save_hf:
         save_hf(args.save_hf, args.model)
@@ -159,6 +161,8 @@ def main() -> None:
         return
     ggufs = dict(item.split("=", 1) for item in args.gguf.split(",") if item.strip())
     orts = [name.strip() for name in args.ort_genai.split(",") if name.strip()]
+    if args.prompt < 1:
+        p.error("--prompt must be at least 1")
     if bool(args.llama_bench) != bool(ggufs) or any(k not in LMFORGE for k in ggufs) or args.rounds < 1:
         p.error(f"give --llama-bench and --gguf with precisions among {', '.join(LMFORGE)} together (or --save-hf)")
     if any(name not in ORT_GENAI for name in orts) or not (ggufs or orts):
@@ -166,7 +170,8 @@ def main() -> None:
     groups = list(dict.fromkeys([*ggufs, *(ORT_GENAI[name][0] for name in orts)]))
     torch.set_num_threads(args.threads)
     model = build_model(args.model)
-    ids = torch.randint(0, SHAPES[args.model]["vocab_size"], (1, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, SHAPES[args.model]["vocab_size"], (1, args.prompt),
+                        generator=torch.Generator().manual_seed(0))
     best: dict[tuple[str, str], list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="lmforge-peers-") as work:
         ort_models = {}
@@ -180,13 +185,13 @@ def main() -> None:
         for precision in groups:
             for label, dtype, quant, skip in LMFORGE[precision]:
                 out = Path(work) / label.replace(" ", "_")
-                lmforge.optimize(model, output_dir=out, dtype=dtype, quant=quant, skip=skip, max_seq_len=128)
+                lmforge.optimize(model, output_dir=out, dtype=dtype, quant=quant, skip=skip, max_seq_len=max(128, -(-(args.prompt + 1) // 64) * 64))
                 engines[precision, label] = lmforge.load(out)
                 engines[precision, label].generate(ids, max_new_tokens=4)  # warm-up, kernels built
         for _ in range(args.rounds):
             for precision in groups:
                 for flash in ("0", "1") if precision in ggufs else ():
-                    pp, tg = llama_bench(args.llama_bench, ggufs[precision], flash, args.threads)
+                    pp, tg = llama_bench(args.llama_bench, ggufs[precision], flash, args.threads, args.prompt)
                     b = best.setdefault((precision, f"llama.cpp {precision.upper()} fa={flash}"), [0.0, 0.0])
                     b[0], b[1] = max(b[0], pp), max(b[1], tg)
                 for (prec, name), model in ort_models.items():
@@ -202,7 +207,7 @@ def main() -> None:
     print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')}  {args.model}  {cpu_model()}  {args.threads} threads  "
           f"torch {torch.__version__}  "
           f"(best of {args.rounds} interleaved rounds)")
-    head = ("precision", "engine", "tg64 tok/s", "pp32 tok/s", "tg vs best peer", "pp vs best peer")
+    head = ("precision", "engine", "tg64 tok/s", f"pp{args.prompt} tok/s", "tg vs best peer", "pp vs best peer")
     lines = [head]
     for (precision, engine), (pp, tg) in best.items():
         peers = [v for (pr, e), v in best.items() if pr == precision and not e.startswith("lmforge")]

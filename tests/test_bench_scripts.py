@@ -89,6 +89,7 @@ def test_peers_quality_bench_scores_the_demo_model():
     ("peers_cpu.py", ["--llama-bench", "x", "--gguf", "q5_k=/x.gguf"], "precisions among f32, bf16, q4_0, q8_0"),
     ("peers_cpu.py", ["--gguf", "f32=/x.gguf"], "give --llama-bench and --gguf with precisions among"),
     ("peers_cpu.py", ["--ort-genai", "int3"], "--ort-genai (among fp32, int4-b32, int4-b64, int8)"),
+    ("peers_cpu.py", ["--ort-genai", "int8", "--prompt", "0"], "--prompt must be at least 1"),
     ("prefill_cpu.py", ["--prompt-lens", "0"], "--prompt-lens must be positive"),
     ("batch_cpu.py", ["--batches", "4,x"], "--batches takes positive integers"),
     ("batch_cpu.py", ["--new-tokens", "1"], "--new-tokens >= 2"),

@@ -70,6 +70,12 @@ def reference(q, k_cache, v_cache, attention_mask, scale: float, causal: bool = 
         out = F.scaled_dot_product_attention(q.reshape(B, Hkv, G, D), k_cache, v_cache, attn_mask=mask, scale=scale)
         result.copy_(out.reshape(B, H, 1, -1))
         return result
+    if S == L and causal and (not window or window >= L) and q.device.type == "cpu" and bool(attention_mask.all()):
+        # a whole unpadded prompt (prefill from an empty cache): plain causal attention, so no mask to build
+        # (per layer: a few small ops; measured 6-10 % of a 32-token SmolLM prefill) and grouped heads kept grouped
+        out = F.scaled_dot_product_attention(q, k_cache, v_cache, is_causal=True, scale=scale, enable_gqa=G > 1)
+        result.copy_(out)
+        return result
     mask = visible_mask(attention_mask, S, causal, window)
     if G > 1:  # (B, Hkv, G * S, D): every query head of a group against its one kv head
         q = q.reshape(B, Hkv, G * S, D)

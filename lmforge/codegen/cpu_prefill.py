@@ -15,8 +15,9 @@ Measured on a 2-core Xeon with AMX (2026-12-04, 2 threads), the linears of 30 Sm
 bfloat16 x, weights read from memory: bfloat16 weights by `torch` 19.8 ms, by `amx` 12.6 ms; int4 by `kernel`
 41.3 ms, `torch` 22.7 ms, `amx` 9.4 ms; int8 by `kernel` 50.3 ms, `torch` 25.4 ms, `amx` 14.1 ms.
 
-The quantized ways other than `kernel` round each weight to bfloat16 first (relative 2^-9: what Hugging Face
-computes with the dequantized weights); float32 x gets float32 weights (`torch` only).
+`torch` and int4's `amx` round each weight to bfloat16 first (relative 2^-9: what Hugging Face computes with
+the dequantized weights; float32 x gets float32 weights, `torch` only); int8's `amx` multiplies the codes
+themselves (exact in bfloat16) and scales the sums, as the int8 kernel does.
 
 Calls with fewer than `MIN_ROWS` rows take the decode kernels. From there `ranking(kernel, scheme, dtype)` orders
 the ways this machine has, measured once per process on a prefill-shaped probe, and a call takes the first
@@ -38,7 +39,7 @@ from lmforge.errors import ArtifactError
 
 WAYS = ("kernel", "torch", "amx")  # LMFORGE_PREFILL, besides the default "auto"
 SCHEMES = ("bf16", "int4", "int8")  # what `ranking` measures: a plain linear's weight dtype, or the scheme
-MIN_ROWS = 16  # rows of x from which a call leaves the decode kernels
+MIN_ROWS = 9  # rows of x from which a call leaves the decode kernels (they take up to 8: cpu_gemv.MAX_ROWS)
 AMX_MAX_ROWS = 256  # above, oneDNN (`torch`) multiplies faster than amx.c (SmolLM shapes, 512 rows: 1.1x)
 CHUNK_BYTES = 4 << 20  # dequantized rows per `torch` matmul: measured best of 1, 2, 4 and 8 MiB on the Xeon
 

@@ -109,8 +109,8 @@ def test_torch_way_is_the_dequantized_matmul(monkeypatch, dtype, bias, chunk_row
 
 
 def assert_close_to_float64(y, x, w, b=None):
-    """Products of bfloat16 values are exact and summed in float32 (well inside 1e-5 of the summed magnitudes),
-    then rounded once to bfloat16 (relative 2^-9, checked as 2^-8)."""
+    """Products of bfloat16 values (or int8 codes) are exact and summed in float32 (well inside 1e-5 of the summed
+    magnitudes), then rounded once to bfloat16 (relative 2^-9, checked as 2^-8)."""
     want = x.double() @ w.double().T + (0 if b is None else b.double())
     bound = x.double().abs() @ w.double().abs().T
     assert y.shape == want.shape and y.dtype == x.dtype
@@ -159,7 +159,8 @@ def test_amx_int8_weights(M, N, K):
     qweight = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
     scales = torch.rand(N, generator=gen) * 0.02 + 0.001
     y = cpu_gemv.kernel().amx(x, qweight, scales)
-    assert_close_to_float64(y, x, (qweight.float() * scales[:, None]).bfloat16())
+    # the codes multiply exactly and each row's scale goes on its sums: the exact weights, not rounded ones
+    assert_close_to_float64(y, x, qweight.double() * scales.double()[:, None])
 
 
 @needs_amx

@@ -7,7 +7,9 @@
  *       x (M, K) bfloat16 with row stride ldx; b (N,) bfloat16 or NULL; y (M, N) bfloat16 with row stride ldy
  *
  *   y[m, n] = sum_k bf16(W[n, k]) x[m, k] + b[n]: products exact, sums in float32 (AMX, denormals flushed),
- *   rounded once to bfloat16 (bf16(W) as dequant.c rounds it: the numbers of the dequantize-and-matmul route)
+ *   rounded once to bfloat16; for int4 bf16(W) as dequant.c rounds it (the numbers of PyTorch's matmul on the
+ *   dequantized weight), for int8 the codes themselves (exact in bfloat16) with each row's scale applied to its
+ *   sums, as int8.c does
  *
  * The tiles compute y transposed: a tile of 16 weight rows by 32 columns is the A operand, read straight from its
  * rows (no repacking of the large operand), and x, copied once per call into the pair-interleaved B layout
@@ -135,19 +137,34 @@ static void amx_pack_x(const uint16_t *x, int64_t ldx, int64_t M, int64_t K, int
     }
 }
 
-/* y[m0 + m, n0 + n] for the 16 x 16 sums of a stored accumulator c[n][m] (valid: mr rows of x, nr weight rows) */
-static void amx_store(const float *c, const uint16_t *b, uint16_t *y, int64_t ldy, int64_t m0, int64_t n0, int mr,
-                      int nr) {
+/* y[m0 + m, n0 + n] for the 16 x 16 sums of a stored accumulator c[n][m] (valid: mr rows of x, nr weight rows),
+ * times the rows' scales where there are some (int8), plus the bias */
+static void amx_store(const float *c, const float *scales, const uint16_t *b, uint16_t *y, int64_t ldy, int64_t m0,
+                      int64_t n0, int mr, int nr) {
     const __m512i cols = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
                                             _mm512_set1_epi32(16));
     const __mmask16 live = (__mmask16)(nr >= 16 ? 0xffff : (1u << nr) - 1);
     const __m512 bias = b ? _mm512_castsi512_ps(_mm512_slli_epi32(
                                 _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(live, b + n0)), 16))
                           : _mm512_setzero_ps();
+    const __m512 scale = scales ? _mm512_maskz_loadu_ps(live, scales + n0) : _mm512_set1_ps(1.0f);
     for (int m = 0; m < mr; m++) {
-        const __m512 v = _mm512_add_ps(_mm512_i32gather_ps(_mm512_add_epi32(cols, _mm512_set1_epi32(m)), c, 4), bias);
-        _mm256_mask_storeu_epi16(y + (m0 + m) * ldy + n0, live, (__m256i)_mm512_cvtneps_pbh(v));
+        __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(cols, _mm512_set1_epi32(m)), c, 4);
+        if (scales) v = _mm512_mul_ps(v, scale);
+        _mm256_mask_storeu_epi16(y + (m0 + m) * ldy + n0, live, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(v, bias)));
     }
+}
+
+/* the codes of an int8 row as bfloat16, exact (|q| <= 127 has 7 significant bits, bfloat16 8) */
+static void amx_int8_row(const int8_t *row, int64_t K, uint16_t *out) {
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m256i q = _mm256_loadu_si256((const __m256i *)(row + k));
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        _mm512_storeu_si512(out + k, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    for (; k < K; k++) out[k] = f32_to_bf16((float)row[k]);
 }
 
 typedef struct {
@@ -177,7 +194,7 @@ static void amx_rows(const amx_args *a, int64_t n0, uint16_t *buf, float *c) {
                 dequant_int4_row_nibbles((const uint8_t *)a->w + (n0 + n) * (K / 2), a->scales, a->zeros,
                                          a->scales_bf16, a->G, K, (n0 + n) * (K / a->G), out);
             else if (a->kind == AMX_INT8)
-                dequant_int8_rows(a->w, a->scales, K, n0 + n, n0 + n + 1, out, Kp, 1);
+                amx_int8_row((const int8_t *)a->w + (n0 + n) * K, K, out);  /* scaled in amx_store */
             else
                 memcpy(out, (const uint16_t *)a->w + (n0 + n) * K, (size_t)K * 2);
             if (Kp > K) memset(out + K, 0, (size_t)(Kp - K) * 2);
@@ -214,7 +231,8 @@ static void amx_rows(const amx_args *a, int64_t n0, uint16_t *buf, float *c) {
             const int64_t m0 = 16 * (j + jj);
             const int mr = a->M - m0 < 16 ? (int)(a->M - m0) : 16;
             for (int i = 0; i < 2 && 16 * i < nr; i++)
-                amx_store(c + 512 * jj + 256 * i, a->b, a->y, a->ldy, m0, n0 + 16 * i, mr,
+                amx_store(c + 512 * jj + 256 * i, a->kind == AMX_INT8 ? a->scales : NULL, a->b, a->y, a->ldy, m0,
+                          n0 + 16 * i, mr,
                           (int)(nr - 16 * i < 16 ? nr - 16 * i : 16));
         }
     }
