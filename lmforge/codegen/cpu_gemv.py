@@ -21,10 +21,10 @@ built on first use with the machine's C compiler, with `cpu/program.c`, which ru
                                          scales (N,) float32: y = scales * (x @ qweight^T) + bias (int8.c)
     kernel().dequant_int4(qweight, scales, zeros, group_size, n0, n1, out), kernel().dequant_int8(qweight, scales,
                           n0, n1, out)   weight rows n0..n1 dequantized into out, bfloat16 or float32 (dequant.c;
-                                         the prefill routes of `cpu_prefill.py`)
+                                         the prefill routes of `cpu_route.py`)
     kernel().amx(x, w, scales=None, zeros=None, group_size=0, bias=None) -> y
                                          bfloat16 x with many rows against bfloat16, int4 or int8 weights on AMX
-                                         tiles, where `kernel().amx_available` (amx.c; `cpu_prefill.py`)
+                                         tiles, where `kernel().amx_available` (amx.c; `cpu_route.py`)
     kernel().attention(q, k, v, k_cache, v_cache, mask, scale, window) -> out
     kernel().qkv_attention(qkv, cos, sin, k_cache, v_cache, mask, q_heads, kv_heads, head_dim, v_head_dim, scale,
                            window) -> out

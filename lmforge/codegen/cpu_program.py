@@ -25,7 +25,8 @@ import torch
 from lmforge.codegen import cpu_gemv
 
 STEP_KINDS = ("gemv_bf16", "gemv_f32", "int4", "int4_q8", "rms_norm", "add_rms_norm", "glu_silu_bf16",  # program.c's
-              "glu_gelu_tanh_bf16", "glu_silu_f32", "glu_gelu_tanh_f32", "qkv_attention", "int8")  # enum, from 1
+              "glu_gelu_tanh_bf16", "glu_silu_f32", "glu_gelu_tanh_f32", "qkv_attention", "int8",  # enum, from 1
+              "amx")
 STEP_REFS, STEP_INTS = 8, 20
 _ALIGN = 64
 _CPU = torch.device("cpu")
@@ -57,7 +58,7 @@ def available() -> bool:
 
 def kind_class(kind: str) -> str:
     """"matmul", "attention" or "other": how `measure.step_split` counts a step op of `kind`."""
-    if kind.startswith(("gemv", "int4", "int8")):
+    if kind.startswith(("gemv", "int4", "int8", "amx")):
         return "matmul"
     return "attention" if kind.endswith("attention") else "other"
 

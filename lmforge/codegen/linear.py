@@ -3,9 +3,9 @@
     linear(x, w, b=None) -> y       x (..., K), w (N, K), b (N,) -> y (..., N); exactly F.linear's contract
 
 The runtime puts it in place of `aten.linear` at load time when it measures it faster (see
-`runtime/layout.py`); the artifact itself keeps `aten.linear`. bfloat16 calls with many rows (a prefill) go to
-AMX tiles where `cpu_prefill.py` measures that faster; other calls the kernel cannot take (other dtypes, more
-than `cpu_gemv.MAX_ROWS` rows) go to `F.linear`, as do all calls off the CPU.
+`runtime/layout.py`); the artifact itself keeps `aten.linear`. bfloat16 calls go to AMX tiles where the CPU has
+them and `cpu_route.py` measures that faster for the call's rows; other calls the GEMV cannot take (other dtypes,
+more than `cpu_gemv.MAX_ROWS` rows) go to `F.linear`, as do all calls off the CPU.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lmforge.codegen import cpu_gemv, cpu_prefill
+from lmforge.codegen import cpu_gemv, cpu_route
 from lmforge.ir.ops import LinearForm, OpFacts, register_op
 from lmforge.ir.verify import same_float_dtype
 
@@ -26,21 +26,23 @@ _lib.define("linear(Tensor x, Tensor w, Tensor? b=None) -> Tensor")
 def _linear_cpu(x, w, b=None):
     kernel = cpu_gemv.kernel()
     if kernel is not None:
+        if cpu_route.amx_takes_linear(kernel, x, w, b):
+            return kernel.amx(x, w, bias=b)
         if cpu_gemv.supports(x, w, b):
             return kernel(x, w, b)
-        y = cpu_prefill.linear(kernel, x, w, b)
-        if y is not None:
-            return y
     return F.linear(x, w, b)
 
 
 def _record_linear(b, x, w, bias=None):
-    """The GEMV `_linear_cpu` calls, for a step program (`cpu_program.py`)."""
+    """The GEMV (or AMX) call `_linear_cpu` makes, for a step program (`cpu_program.py`)."""
     rows = b.rows(x)
     if rows is None or not cpu_gemv.supports(x, w, bias):
         return None
     (M, ldx), (N, K) = rows, w.shape
     y = b.out((*x.shape[:-1], N), x.dtype)
+    if cpu_route.amx_takes_linear(b.kernel, x, w, bias):
+        b.call("amx", (x, w, None, None, bias, y), (cpu_gemv.AMX_BF16, ldx, 0, 0, N, M, N, K, b.threads))
+        return y
     kind = "gemv_bf16" if x.dtype == torch.bfloat16 else "gemv_f32"
     b.call(kind, (x, w, bias, y), (ldx, N, M, N, K, b.threads))
     return y

@@ -16,7 +16,7 @@ Implementations, by device and `LMFORGE_KERNELS` (`codegen/dispatch.py`):
   activations, so the numbers are exactly the kernels' up to summation order);
 - CPU: int4 through lmforge's C kernel (`cpu_gemv.Kernel.int4`), with scales and zeros in float32 or bfloat16
   (`_prepare_int4` widens others at load); int8 through `cpu_gemv.Kernel.int8`; calls of either with many rows
-  of x (prefill) by the way `cpu_prefill.py` measures fastest (AMX tiles, or PyTorch's matmul on dequantized
+  of x (prefill) by the way `cpu_route.py` measures fastest (AMX tiles, or PyTorch's matmul on dequantized
   chunks of the weight, or those kernels); fp8 through the reference;
 - CUDA: int4 and int8 through the Triton kernels (`codegen/kernels/int4.py`, `int8.py`); fp8 through `torch._scaled_mm` with
   row-wise scales where the GPU has fp8 tensor cores (compute capability 8.9+), else the Triton kernel.
@@ -29,7 +29,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from lmforge.codegen import cpu_gemv, cpu_prefill
+from lmforge.codegen import cpu_gemv, cpu_route
 from lmforge.codegen.dispatch import use_triton
 from lmforge.ir.ops import Casts, OpFacts, register_op
 from lmforge.ir.spec import spec_of
@@ -81,7 +81,7 @@ def int4_linear_impl(x, qweight, scales, zeros, group_size: int, bias=None):
     if x.device.type == "cpu":
         kernel = cpu_gemv.kernel()
         if kernel is not None and cpu_gemv.supports_int4(x, qweight, scales, zeros, group_size, bias):
-            y = cpu_prefill.int4_linear(kernel, x, qweight, scales, zeros, group_size, bias)
+            y = cpu_route.int4_linear(kernel, x, qweight, scales, zeros, group_size, bias)
             return kernel.int4(x, qweight, scales, zeros, group_size, bias) if y is None else y
     return int4_reference(x, qweight, scales, zeros, group_size, bias)
 
@@ -93,6 +93,10 @@ def _record_int4(b, x, qweight, scales, zeros, group_size: int, bias=None):
         return None
     (M, ldx), N, K = rows, qweight.shape[0], qweight.shape[1] * 2
     y = b.out((*x.shape[:-1], N), x.dtype)
+    if cpu_route.choose(b.kernel, "int4", x) == "amx":
+        b.call("amx", (x, qweight, scales, zeros, bias, y),
+               (cpu_gemv.AMX_INT4, ldx, scales.dtype == torch.bfloat16, group_size, N, M, N, K, b.threads))
+        return y
     kind = "int4_q8" if b.kernel.int4_q8_for(M) else "int4"
     b.call(kind, (x, qweight, scales, zeros, bias, y),
            (ldx, x.dtype == torch.float32, N, M, N, K, group_size, b.threads, scales.dtype == torch.bfloat16))
@@ -108,7 +112,7 @@ def int8_linear_impl(x, qweight, scales, bias=None):
     if x.device.type == "cpu":
         kernel = cpu_gemv.kernel()
         if kernel is not None and cpu_gemv.supports_int8(x, qweight, scales, bias):
-            y = cpu_prefill.int8_linear(kernel, x, qweight, scales, bias)
+            y = cpu_route.int8_linear(kernel, x, qweight, scales, bias)
             return kernel.int8(x, qweight, scales, bias) if y is None else y
     return int8_reference(x, qweight, scales, bias)
 
@@ -120,6 +124,9 @@ def _record_int8(b, x, qweight, scales, bias=None):
         return None
     (M, ldx), (N, K) = rows, qweight.shape
     y = b.out((*x.shape[:-1], N), x.dtype)
+    if cpu_route.choose(b.kernel, "int8", x) == "amx":
+        b.call("amx", (x, qweight, scales, None, bias, y), (cpu_gemv.AMX_INT8, ldx, 0, 0, N, M, N, K, b.threads))
+        return y
     b.call("int8", (x, qweight, scales, bias, y), (ldx, x.dtype == torch.float32, N, M, N, K, b.threads))
     return y
 

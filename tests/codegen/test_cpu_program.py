@@ -26,8 +26,13 @@ def randn(*shape, dtype, seed):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("rows", [1, 3])
-def test_a_recorded_mlp_is_the_eager_calls_exactly(dtype, rows):
-    """add + RMSNorm -> gate/up GEMV -> split -> GLU -> down GEMV, with sizes that line up with nothing."""
+@pytest.mark.parametrize("way", ["kernel", "amx"])
+def test_a_recorded_mlp_is_the_eager_calls_exactly(dtype, rows, way, monkeypatch):
+    """add + RMSNorm -> gate/up GEMV -> split -> GLU -> down GEMV, with sizes that line up with nothing; with the
+    linears on AMX tiles (bfloat16, where the CPU has them) instead of the GEMV."""
+    if way == "amx" and not (dtype == torch.bfloat16 and cpu_gemv.kernel().amx_available):
+        pytest.skip("AMX takes bfloat16 on a CPU that has it")
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", way)
     K, F = 45, 37
     x, r = randn(1, rows, K, dtype=dtype, seed=1), randn(1, rows, K, dtype=dtype, seed=2)
     w_norm, w_up, w_down = randn(K, dtype=dtype, seed=3), randn(2 * F, K, dtype=dtype, seed=4), randn(K, F, dtype=dtype, seed=5)
@@ -45,8 +50,9 @@ def test_a_recorded_mlp_is_the_eager_calls_exactly(dtype, rows):
     h = record(glu_impl, b, g, u, "silu")
     out = record(_linear_cpu, b, h, b.constant(w_down), b.constant(bias))
     program = b.finish([out, sr])
-    assert program.kinds == ["add_rms_norm", f"gemv_{'bf16' if dtype == torch.bfloat16 else 'f32'}",
-                             f"glu_silu_{'bf16' if dtype == torch.bfloat16 else 'f32'}", program.kinds[1]]
+    matmul = "amx" if way == "amx" else f"gemv_{'bf16' if dtype == torch.bfloat16 else 'f32'}"
+    assert program.kinds == ["add_rms_norm", matmul, f"glu_silu_{'bf16' if dtype == torch.bfloat16 else 'f32'}",
+                             matmul]
     got = program([x, r])
     assert all(torch.equal(g_, w_) for g_, w_ in zip(got, want))
     # the outputs are copies: a second call with other inputs leaves the first results alone

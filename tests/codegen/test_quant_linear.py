@@ -41,7 +41,7 @@ def test_int4_reference_matches_float64(zeros, bias, dtype):
 @pytest.mark.parametrize("M", [1, 4, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_op_uses_the_cpu_kernel_with_float32_scales(M, dtype, monkeypatch):
-    monkeypatch.setenv("LMFORGE_PREFILL", "kernel")  # 33 rows could take another way (test_cpu_prefill.py)
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "kernel")  # 33 rows could take another way (test_cpu_route.py)
     x, q, scales, zeros, G, b = _int4_inputs(M=M, K=256, G=64, dtype=dtype)
     scales32, zeros32 = scales.float(), zeros.float()  # what the op's prepare hook gives the layer at load
     assert cpu_gemv.supports_int4(x, q, scales32, zeros32, G, b)
@@ -59,8 +59,10 @@ def test_int4_op_uses_the_cpu_kernel_with_float32_scales(M, dtype, monkeypatch):
                                atol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
-def test_int4_op_falls_back_to_the_reference_for_stored_dtypes():
-    """bfloat16 scales (as the artifact stores them) go to the reference: same numbers, no kernel."""
+def test_int4_op_falls_back_to_the_reference_for_stored_dtypes(monkeypatch):
+    """bfloat16 scales (as the artifact stores them): the reference's numbers (AMX's, on weights rounded to
+    bfloat16, are tested in test_cpu_route.py)."""
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "kernel")
     args = _int4_inputs(dtype=torch.bfloat16)
     torch.testing.assert_close(int4_linear(*args), int4_reference(*args))
 
@@ -116,7 +118,7 @@ def test_int8_reference_matches_float64(bias, dtype):
 @pytest.mark.parametrize("M", [1, 4, 33])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_op_uses_the_cpu_kernel(M, dtype, monkeypatch):
-    monkeypatch.setenv("LMFORGE_PREFILL", "kernel")  # 33 rows could take another way (test_cpu_prefill.py)
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "kernel")  # 33 rows could take another way (test_cpu_route.py)
     x, q, s, b = _int8_inputs(M=M, K=200, dtype=dtype)
     calls, original = [], cpu_gemv.Kernel.int8
     monkeypatch.setattr(cpu_gemv.Kernel, "int8", lambda self, *a: calls.append(1) or original(self, *a))

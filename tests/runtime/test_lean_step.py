@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.codegen import cpu_program
+from lmforge.codegen import cpu_gemv, cpu_program
 from lmforge.runtime import lean_step
 from lmforge.runtime.measure import step_split
 from tests.conftest import random_ids
@@ -55,8 +55,12 @@ def test_lean_step_is_the_bound_graph_exactly(arch, dtype, artifacts, hf_model, 
     (dict(quant="int4", group_size=32), "bfloat16", {"int4", "gemv_bf16", "glu_silu_bf16"}),
     (dict(quant="int8"), "bfloat16", {"int8", "gemv_bf16", "glu_silu_bf16"}),
     (dict(quant="int8"), "float32", {"int8", "glu_silu_f32"}),
+    (dict(quant="int4", group_size=32), "bfloat16", {"amx", "glu_silu_bf16"}),  # every linear on AMX tiles
 ])
-def test_quantized_lean_step(tmp_path, hf_model_llama, quant, dtype, kinds):
+def test_quantized_lean_step(tmp_path, hf_model_llama, quant, dtype, kinds, monkeypatch):
+    if "amx" in kinds and not cpu_gemv.kernel().amx_available:
+        pytest.skip("this CPU has no AMX (or the process may not use it)")
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "amx" if "amx" in kinds else "kernel")
     path = lmforge.optimize(hf_model_llama, tmp_path / "art", dtype=dtype, max_seq_len=64, **quant).path
     eng = lmforge.load(path)
     ids = random_ids(2 if quant["quant"] == "int8" else 1, 5)

@@ -30,6 +30,7 @@ enum {  /* STEP_KINDS in cpu_program.py, in this order */
     STEP_GLU_GELU_TANH_F32,
     STEP_QKV_ATTENTION,
     STEP_INT8,
+    STEP_AMX,
 };
 
 typedef struct {
@@ -50,6 +51,9 @@ int gemv_int4_q8(const void *x, int64_t ldx, int f32, const void *qw, const void
                  int sz_bf16, const void *b, void *y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t G, int threads);
 int gemm_int8(const void *x, int64_t ldx, int f32, const void *qw, const void *scales, const void *b, void *y,
               int64_t ldy, int64_t M, int64_t N, int64_t K, int threads);
+int amx_matmul(int kind, const uint16_t *x, int64_t ldx, const void *w, const void *scales, const void *zeros,
+               int scales_bf16, int64_t G, const uint16_t *b, uint16_t *y, int64_t ldy, int64_t M, int64_t N,
+               int64_t K, int threads);
 int rms_norm_rows(int bf16, const void *x, int64_t ldx, const void *w, float eps, void *y, int64_t ldy, int64_t M,
                   int64_t K);
 int add_rms_norm_rows(int bf16, const void *a, int64_t lda, const void *b, int64_t ldb, const void *w, float eps,
@@ -82,6 +86,9 @@ static int run_one(const step_op *o, void *const *slots, int64_t kv_len) {
                             i[6], (int)i[7]);
     case STEP_INT8:  /* x, qweight, scales, b, y; ldx, f32, ldy, M, N, K, threads */
         return gemm_int8(p[0], i[0], (int)i[1], p[1], p[2], p[3], p[4], i[2], i[3], i[4], i[5], (int)i[6]);
+    case STEP_AMX:  /* x, w, scales, zeros, b, y; kind, ldx, scales_bf16, G, ldy, M, N, K, threads */
+        return amx_matmul((int)i[0], p[0], i[1], p[1], p[2], p[3], (int)i[2], i[3], p[4], p[5], i[4], i[5], i[6],
+                          i[7], (int)i[8]);
     case STEP_RMS_NORM:  /* x, w, y; bf16, ldx, ldy, M, K; eps */
         return rms_norm_rows((int)i[0], p[0], i[1], p[1], (float)o->f[0], p[2], i[2], i[3], i[4]);
     case STEP_ADD_RMS_NORM:  /* a, b, w, y, s; bf16, lda, ldb, M, K; eps */

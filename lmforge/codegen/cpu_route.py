@@ -1,32 +1,35 @@
-"""Prefill-sized matmuls on the CPU: which way a linear layer's call with many rows of x goes, and the ways.
+"""Which way a CPU linear layer's call goes (bfloat16, int4 or int8 weights), and the ways besides the decode kernels.
 
-The decode kernels (`cpu/gemv.c`, `cpu/int4.c`, `cpu/int8.c`) are built for one to eight rows of x, where the
-weight's bytes set the time. With many rows (a prompt, a batch of 16) the matmul is bound by arithmetic, and
-three ways do it faster, each measured here:
-
+- `kernel`: lmforge's decode kernels (`cpu/gemv.c` up to 8 rows of x; `cpu/int4.c`, `cpu/int8.c` any number).
 - `amx` (`cpu/amx.c`): bfloat16 x on Intel AMX tiles, the weight read straight from its rows (bfloat16) or
-  dequantized a block of 32 rows at a time into a buffer in cache (int4, int8). Only where the CPU has AMX and
-  grants it, and only up to `AMX_MAX_ROWS` rows, past which oneDNN's blocking wins.
-- `torch`: PyTorch's matmul (oneDNN; AMX where the CPU has it, else AVX512-BF16), for quantized weights on
-  `CHUNK_BYTES` of rows at a time dequantized into a buffer that stays in cache (`cpu/dequant.c`).
-- `kernel`: the decode kernels themselves (quantized weights only: a plain linear's own way is `torch`).
+  dequantized a block of 32 rows at a time into a buffer in cache (int4, int8); where the CPU has AMX and grants
+  it, up to `AMX_MAX_ROWS` rows (past them oneDNN's blocking wins).
+- `torch`: PyTorch's matmul (oneDNN; AMX where the CPU has it, else AVX512-BF16) for more than 8 rows, on
+  quantized weights `CHUNK_BYTES` of rows at a time dequantized into a buffer that stays in cache (`cpu/dequant.c`).
 
-Measured on a 2-core Xeon with AMX (2026-12-04, 2 threads), the linears of 30 SmolLM-135M layers with 32 rows of
-bfloat16 x, weights read from memory: bfloat16 weights by `torch` 19.8 ms, by `amx` 12.6 ms; int4 by `kernel`
-41.3 ms, `torch` 22.7 ms, `amx` 9.4 ms; int8 by `kernel` 50.3 ms, `torch` 25.4 ms, `amx` 14.1 ms.
+Measured on a 2-core Xeon with AMX (2026-12-04, 2 threads), the linears of 30 SmolLM-135M layers (weights not in
+the caches' nearer levels), milliseconds:
+
+    rows  bf16 kernel / torch   amx    int4 kernel / torch   amx    int8 kernel / torch   amx
+       1          10.3          8.9            3.5          5.7            3.6          7.8
+       4          16.5          8.8            7.5          6.0            7.5          7.6
+       8          32.6          8.6           13.3          5.8           14.0          8.1
+      32          19.8         12.6     41.3 / 22.7         9.4     50.3 / 25.4         14.1
+
+So which way wins turns on the rows and on the CPU: `ranking(kernel, scheme, dtype, rows)` orders the ways this
+machine has for a bucket of rows (1, 2, 4, 8, many), timed once per process on a probe of that size, and a call
+takes the first that applies. `LMFORGE_LINEAR_WAY` set to `kernel`, `torch` or `amx` overrides the measure where
+that way applies. The step-program recorders (`cpu_program.py`) ask the same questions as the calls.
 
 `torch` and int4's `amx` round each weight to bfloat16 first (relative 2^-9: what Hugging Face computes with
 the dequantized weights; float32 x gets float32 weights, `torch` only); int8's `amx` multiplies the codes
 themselves (exact in bfloat16) and scales the sums, as the int8 kernel does.
-
-Calls with fewer than `MIN_ROWS` rows take the decode kernels. From there `ranking(kernel, scheme, dtype)` orders
-the ways this machine has, measured once per process on a prefill-shaped probe, and a call takes the first
-that applies. `LMFORGE_PREFILL` set to `kernel`, `torch` or `amx` overrides the measure where that way applies.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import os
 import threading
 import time
@@ -35,11 +38,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from lmforge.codegen import cpu_gemv
 from lmforge.errors import ArtifactError
 
-WAYS = ("kernel", "torch", "amx")  # LMFORGE_PREFILL, besides the default "auto"
+WAYS = ("kernel", "torch", "amx")  # LMFORGE_LINEAR_WAY, besides the default "auto"
 SCHEMES = ("bf16", "int4", "int8")  # what `ranking` measures: a plain linear's weight dtype, or the scheme
-MIN_ROWS = 9  # rows of x from which a call leaves the decode kernels (they take up to 8: cpu_gemv.MAX_ROWS)
 AMX_MAX_ROWS = 256  # above, oneDNN (`torch`) multiplies faster than amx.c (SmolLM shapes, 512 rows: 1.1x)
 CHUNK_BYTES = 4 << 20  # dequantized rows per `torch` matmul: measured best of 1, 2, 4 and 8 MiB on the Xeon
 
@@ -47,32 +50,42 @@ _local = threading.local()  # each thread's chunk buffers, by dtype (an engine r
 
 
 def forced_way() -> str | None:
-    value = os.environ.get("LMFORGE_PREFILL", "auto")
+    value = os.environ.get("LMFORGE_LINEAR_WAY", "auto")
     if value == "auto":
         return None
     if value not in WAYS:
-        raise ArtifactError(f"LMFORGE_PREFILL={value!r}: use auto, {', '.join(WAYS)}")
+        raise ArtifactError(f"LMFORGE_LINEAR_WAY={value!r}: use auto, {', '.join(WAYS)}")
     return value
 
 
-def choose(kernel, scheme: str, x: torch.Tensor) -> str:
-    """The way this CPU call of `scheme` with activations `x` goes."""
-    rows = x.numel() // x.shape[-1]
-    if rows < MIN_ROWS:
-        return "kernel" if scheme != "bf16" else "torch"
-    ways = [w for w in ranking(kernel, scheme, x.dtype) if w != "amx" or rows <= AMX_MAX_ROWS]
+def rows_of(x) -> int:
+    return math.prod(x.shape[:-1])
+
+
+def bucket(rows: int) -> int:
+    """The row count `ranking` measures for calls of `rows` rows: 1, 2, 4, 8 (the decode kernels' sizes) or 32."""
+    return rows if rows <= 2 else 4 if rows <= 4 else 8 if rows <= cpu_gemv.MAX_ROWS else 32
+
+
+def choose(kernel, scheme: str, x) -> str:
+    """The way this CPU call of `scheme` with activations `x` (a tensor, or a step program's Ref) goes."""
+    rows = rows_of(x)
+    small = rows <= cpu_gemv.MAX_ROWS
+    if small and not (x.dtype == torch.bfloat16 and kernel.amx_available):
+        return "kernel"  # the decode kernels' sizes, and no other way to weigh against them
+    ways = [w for w in ranking(kernel, scheme, x.dtype, bucket(rows)) if w != "amx" or rows <= AMX_MAX_ROWS]
     forced = forced_way()
     return forced if forced in ways else ways[0]
 
 
-def linear(kernel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor | None:
-    """`F.linear(x, w, b)` for bfloat16 x and w by amx.c where that is this call's way, else None (the caller runs
-    F.linear)."""
-    if not (x.dtype == w.dtype == torch.bfloat16 and x.is_cpu and w.is_cpu and w.dim() == 2 and w.is_contiguous()
-            and x.dim() >= 1 and x.shape[-1] == w.shape[1] and w.shape[1] > 0
-            and (b is None or (b.dtype == x.dtype and b.shape == (w.shape[0],) and b.is_contiguous()))):
-        return None
-    return kernel.amx(x, w, bias=b) if choose(kernel, "bf16", x) == "amx" else None
+def amx_takes_linear(kernel, x, w, b=None) -> bool:
+    """Does a plain bfloat16 linear (`lmforge::linear`) go to amx.c? Asked alike by the op and by its step-program
+    recorder, of tensors or Refs."""
+    return (x.dtype == w.dtype == torch.bfloat16 and kernel.amx_available and x.is_cpu and w.is_cpu and w.dim() == 2
+            and w.is_contiguous() and len(x.shape) >= 1 and x.shape[-1] == w.shape[1] and w.shape[1] > 0
+            and rows_of(x) > 0 and x.stride(-1) == 1
+            and (b is None or (b.dtype == x.dtype and b.shape == (w.shape[0],) and b.is_contiguous()))
+            and choose(kernel, "bf16", x) == "amx")
 
 
 def int4_linear(kernel, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -138,35 +151,44 @@ def _best(fn: Callable[[], object], repeats: int = 3) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def ranking(kernel, scheme: str, dtype: torch.dtype) -> tuple[str, ...]:
-    """The ways this machine has for `scheme` with `dtype` x, fastest first: timed on 32 rows of x against eight
-    SmolLM-sized (1536, 576) weights."""
+def ranking(kernel, scheme: str, dtype: torch.dtype, rows: int = 32) -> tuple[str, ...]:
+    """The ways this machine has for `scheme` with `rows` rows of `dtype` x, fastest first: timed against SmolLM-sized
+    (1536, 576) weights, eight of them for 32 rows (arithmetic-bound), 48 MiB of them for the decode kernels'
+    sizes (bound by the weights' bytes)."""
     if scheme not in SCHEMES:
         raise ValueError(f"ranking: scheme must be one of {SCHEMES}, got {scheme!r}")
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 576, generator=gen).to(dtype)
     N, K = 1536, 576
+    x = torch.randn(rows, K, generator=gen).to(dtype)
     amx = dtype == torch.bfloat16 and kernel.amx_available
+    small = rows <= cpu_gemv.MAX_ROWS
+    weight_bytes = {"bf16": 2 * N * K, "int4": N * K // 2, "int8": N * K}[scheme]
+    count = max(8, (48 << 20) // weight_bytes) if small else 8
     ways: dict[str, Callable[[], object]] = {}
     if scheme == "bf16":
-        ws = [torch.randn(N, K, generator=gen).to(dtype) for _ in range(8)]
-        ways["torch"] = lambda: [F.linear(x, w) for w in ws]
+        ws = [torch.randn(N, K, generator=gen).to(dtype) for _ in range(count)]
+        if small:
+            ways["kernel"] = lambda: [kernel(x, w) for w in ws]
+        else:
+            ways["torch"] = lambda: [F.linear(x, w) for w in ws]
         if amx:
             ways["amx"] = lambda: [kernel.amx(x, w) for w in ws]
     elif scheme == "int4":
         args = [(torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=gen),
-                 torch.rand(N, K // 64, generator=gen) / 64, None, 64) for _ in range(8)]
+                 torch.rand(N, K // 64, generator=gen) / 64, None, 64) for _ in range(count)]
         ways["kernel"] = lambda: [kernel.int4(x, *a) for a in args]
-        ways["torch"] = lambda: [_chunked(x, N, K, None, lambda n0, n1, out, a=a: kernel.dequant_int4(
-            a[0], a[1], a[2], a[3], n0, n1, out)) for a in args]
+        if not small:
+            ways["torch"] = lambda: [_chunked(x, N, K, None, lambda n0, n1, out, a=a: kernel.dequant_int4(
+                a[0], a[1], a[2], a[3], n0, n1, out)) for a in args]
         if amx:
             ways["amx"] = lambda: [kernel.amx(x, *a) for a in args]
     else:
         args = [(torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen),
-                 torch.rand(N, generator=gen) / 1024) for _ in range(8)]
+                 torch.rand(N, generator=gen) / 1024) for _ in range(count)]
         ways["kernel"] = lambda: [kernel.int8(x, *a) for a in args]
-        ways["torch"] = lambda: [_chunked(x, N, K, None, lambda n0, n1, out, a=a: kernel.dequant_int8(
-            a[0], a[1], n0, n1, out)) for a in args]
+        if not small:
+            ways["torch"] = lambda: [_chunked(x, N, K, None, lambda n0, n1, out, a=a: kernel.dequant_int8(
+                a[0], a[1], n0, n1, out)) for a in args]
         if amx:
             ways["amx"] = lambda: [kernel.amx(x, *a) for a in args]
     times = {name: _best(fn) for name, fn in ways.items()}

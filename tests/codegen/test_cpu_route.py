@@ -1,4 +1,4 @@
-"""The prefill ways of the CPU linear ops (`codegen/cpu_prefill.py`, `cpu/dequant.c`, `cpu/amx.c`): the dequantized
+"""The prefill ways of the CPU linear ops (`codegen/cpu_route.py`, `cpu/dequant.c`, `cpu/amx.c`): the dequantized
 rows bit for bit against PyTorch's own dequantization in every ISA path this machine can run (odd row counts,
 every group size, zero points or none, float32 or bfloat16 scales, a masked tail of int8 columns); the chunked
 `torch` way against the matmuls it makes; the AMX tiles against a float64 reference (odd rows of x, ragged weight
@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.codegen import cpu_gemv, cpu_prefill, linear, quant_linear
+from lmforge.codegen import cpu_gemv, cpu_route, linear, quant_linear
 from lmforge.errors import ArtifactError
 from tests.codegen.test_cpu_gemv import VARIANTS
 
@@ -86,25 +86,25 @@ def by_chunks(x, w, b, rows):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk_rows", [None, 100, 7])
 def test_torch_way_is_the_dequantized_matmul(monkeypatch, dtype, bias, chunk_rows):
-    monkeypatch.setenv("LMFORGE_PREFILL", "torch")
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "torch")
     k = cpu_gemv.kernel()
     N, K, G = 301, 576, 64
     if chunk_rows:
-        monkeypatch.setattr(cpu_prefill, "CHUNK_BYTES", chunk_rows * K * torch.finfo(dtype).bits // 8)
+        monkeypatch.setattr(cpu_route, "CHUNK_BYTES", chunk_rows * K * torch.finfo(dtype).bits // 8)
     rows = chunk_rows or N
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(2, 19, K + 3, generator=gen) + 0.1).to(dtype)[..., :K]  # rows with a stride
     b = torch.randn(N, generator=gen).to(dtype) if bias else None
     qweight, scales, z = int4_weight(N, K, G, torch.float32, True, seed=2)
     w = int4_dequantized(qweight, scales, z, G, dtype)
-    y = cpu_prefill.int4_linear(k, x, qweight, scales, z, G, b)
+    y = cpu_route.int4_linear(k, x, qweight, scales, z, G, b)
     assert y.shape == (2, 19, N) and y.dtype == dtype
     assert torch.equal(y, by_chunks(x, w, b, rows))
     # (F.linear on strided 3-d x rounds before adding the bias; the way, like contiguous x, adds it in float32)
     torch.testing.assert_close(y, F.linear(x.contiguous(), w, b))
     q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
     s8 = torch.rand(N, generator=gen) * 0.02
-    y8 = cpu_prefill.int8_linear(k, x, q8, s8, b)
+    y8 = cpu_route.int8_linear(k, x, q8, s8, b)
     assert torch.equal(y8, by_chunks(x, (q8.float() * s8[:, None]).to(dtype), b, rows))
 
 
@@ -165,10 +165,10 @@ def test_amx_int8_weights(M, N, K):
 
 @needs_amx
 def test_ops_take_amx_where_forced(monkeypatch):
-    monkeypatch.setenv("LMFORGE_PREFILL", "amx")
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "amx")
     k = cpu_gemv.kernel()
-    for scheme in cpu_prefill.SCHEMES:  # measured before the spy goes in (the probe calls amx too)
-        cpu_prefill.ranking(k, scheme, torch.bfloat16)
+    for scheme in cpu_route.SCHEMES:  # measured before the spy goes in (the probe calls amx too)
+        cpu_route.ranking(k, scheme, torch.bfloat16, 32)
     calls = []
     real = k.amx
     monkeypatch.setattr(k, "amx", lambda *a, **kw: calls.append(a[1].dtype) or real(*a, **kw))
@@ -182,7 +182,7 @@ def test_ops_take_amx_where_forced(monkeypatch):
                                   torch.rand(48, generator=gen))
     assert calls == [torch.bfloat16, torch.uint8, torch.int8]
     calls.clear()  # past AMX_MAX_ROWS, and for float32 x, never
-    linear.linear(torch.randn(cpu_prefill.AMX_MAX_ROWS + 1, 128).bfloat16(), w)
+    linear.linear(torch.randn(cpu_route.AMX_MAX_ROWS + 1, 128).bfloat16(), w)
     quant_linear.int4_linear_impl(x.float(), qweight, scales, z, 64)
     assert calls == []
 
@@ -199,11 +199,11 @@ def test_quantized_ways_stay_close_to_float64(monkeypatch, dtype):
     q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
     s8 = torch.rand(N, generator=gen) * 0.02
     rel = 2 ** -8 if dtype == torch.bfloat16 else 1e-6
-    ways = cpu_prefill.ranking(cpu_gemv.kernel(), "int4", dtype)
-    assert set(ways) <= set(cpu_prefill.WAYS) and {"kernel", "torch"} <= set(ways)
+    ways = cpu_route.ranking(cpu_gemv.kernel(), "int4", dtype)
+    assert set(ways) <= set(cpu_route.WAYS) and {"kernel", "torch"} <= set(ways)
     for way in ways:
-        monkeypatch.setenv("LMFORGE_PREFILL", way)
-        assert cpu_prefill.choose(cpu_gemv.kernel(), "int4", x) == way
+        monkeypatch.setenv("LMFORGE_LINEAR_WAY", way)
+        assert cpu_route.choose(cpu_gemv.kernel(), "int4", x) == way
         y = quant_linear.int4_linear_impl(x, qweight, scales, z, G)
         y8 = quant_linear.int8_linear_impl(x, q8, s8)
         for got, weight in ((y, w), (y8, q8.double() * s8.double()[:, None])):
@@ -212,29 +212,39 @@ def test_quantized_ways_stay_close_to_float64(monkeypatch, dtype):
             assert ((got.double() - want).abs() <= rel * want.abs() + rel * bound).all(), way
 
 
-def test_few_rows_take_the_kernels(monkeypatch):
+def test_few_rows_weigh_the_kernels_against_amx_only(monkeypatch):
     k = cpu_gemv.kernel()
-    monkeypatch.setenv("LMFORGE_PREFILL", "torch")
-    x = torch.randn(cpu_prefill.MIN_ROWS - 1, 128).bfloat16()
-    assert cpu_prefill.choose(k, "int4", x) == "kernel" and cpu_prefill.choose(k, "bf16", x) == "torch"
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "torch")  # not a way at the decode kernels' sizes: ignored
+    x = torch.randn(cpu_gemv.MAX_ROWS, 128).bfloat16()
+    for scheme in cpu_route.SCHEMES:
+        assert cpu_route.choose(k, scheme, x) in (("kernel", "amx") if k.amx_available else ("kernel",))
+        assert cpu_route.choose(k, scheme, x.float()) == "kernel"  # AMX takes bfloat16 x only
     calls = []
-    monkeypatch.setattr(cpu_prefill, "_chunked", lambda *a: calls.append(1))
+    monkeypatch.setattr(cpu_route, "_chunked", lambda *a: calls.append(1))
     qweight, scales, z = int4_weight(16, 128, 32, torch.float32, False)
-    assert cpu_prefill.int4_linear(k, x, qweight, scales, z, 32) is None
-    monkeypatch.setenv("LMFORGE_PREFILL", "kernel")
-    assert cpu_prefill.int4_linear(k, torch.randn(64, 128).bfloat16(), qweight, scales, z, 32) is None
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "kernel")
+    assert cpu_route.int4_linear(k, x, qweight, scales, z, 32) is None
+    assert cpu_route.int4_linear(k, torch.randn(64, 128).bfloat16(), qweight, scales, z, 32) is None
     assert calls == []
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 300])
+def test_buckets(rows):
+    assert cpu_route.bucket(rows) == {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8}.get(rows, 32)
 
 
 def test_ranking_is_measured_and_the_override_checked(monkeypatch):
     k = cpu_gemv.kernel()
-    assert set(cpu_prefill.ranking(k, "bf16", torch.bfloat16)) == {"torch"} | ({"amx"} if k.amx_available else set())
-    assert set(cpu_prefill.ranking(k, "int8", torch.float32)) == {"kernel", "torch"}  # AMX takes bfloat16 x only
+    amx = {"amx"} if k.amx_available else set()
+    assert set(cpu_route.ranking(k, "bf16", torch.bfloat16)) == {"torch"} | amx
+    assert set(cpu_route.ranking(k, "bf16", torch.bfloat16, 1)) == {"kernel"} | amx
+    assert set(cpu_route.ranking(k, "int4", torch.bfloat16, 4)) == {"kernel"} | amx
+    assert set(cpu_route.ranking(k, "int8", torch.float32)) == {"kernel", "torch"}  # AMX takes bfloat16 x only
     with pytest.raises(ValueError, match="scheme"):
-        cpu_prefill.ranking(k, "fp8", torch.bfloat16)
-    monkeypatch.setenv("LMFORGE_PREFILL", "fast")
-    with pytest.raises(ArtifactError, match="LMFORGE_PREFILL='fast'"):
-        cpu_prefill.choose(k, "int4", torch.randn(32, 64))
+        cpu_route.ranking(k, "fp8", torch.bfloat16)
+    monkeypatch.setenv("LMFORGE_LINEAR_WAY", "fast")
+    with pytest.raises(ArtifactError, match="LMFORGE_LINEAR_WAY='fast'"):
+        cpu_route.choose(k, "int4", torch.randn(32, 64))
 
 
 def test_a_build_without_avx512_has_no_amx():
