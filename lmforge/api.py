@@ -1,4 +1,5 @@
-"""The Python API: `lmforge.optimize` (capture -> passes -> artifact) and `lmforge.load` (artifact -> engine)."""
+"""The Python API: `lmforge.optimize` (capture -> passes -> artifact), `lmforge.load` (artifact -> engine) and
+`lmforge.export` (artifact -> another serving system's format)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,7 @@ def optimize(
     group_size: int | None = None,
     symmetric: bool = False,
     quant_method: str = "rtn",
+    zero_points: str = "float",
     skip: str | list[str] | None = None,
     overrides: dict[str, str] | str | None = None,
     tp: int = 1,
@@ -98,7 +100,8 @@ def optimize(
     quant: "int4" (weight-only, group-wise), "fp8" (e4m3 weights, dynamic per-token activations) or "int8"
     (weight-only, one scale per output channel); with int4,
     group_size (32, 64, 128, 256; default: 128, or for a layer whose in_features it does not divide the largest
-    that does), symmetric (no zero points) and quant_method ("rtn" or "hqq"). skip: layer
+    that does), symmetric (no zero points), quant_method ("rtn" or "hqq") and zero_points ("float", min/max's
+    fractional ones, or "int": rounded to 0..15, which compressed-tensors holds exactly). skip: layer
     globs kept in float (default "lm_head"; pass [] to quantize it too). overrides: {glob: "g32+sym" | "fp8" | "int8" |
     "skip" | ...} per-layer settings, the last match winning (see `lmforge.quant`).
 
@@ -148,7 +151,7 @@ def optimize(
     ir = capture(model, source=label or source or type(model).__name__)
     dtype_name = str(target).removeprefix("torch.")
     custom = pipeline is not None
-    quantize = _quantize_options(quant, group_size, symmetric, quant_method, skip, overrides)
+    quantize = _quantize_options(quant, group_size, symmetric, quant_method, skip, overrides, zero_points)
     if quantize and custom:
         raise LmforgeError("pass either quant=... or a pipeline with a quantize step, not both")
     steps = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len, quantize, tp)
@@ -169,7 +172,7 @@ def optimize(
                               tokenizer_files=files, tokenizer_info=info)
 
 
-def _quantize_options(quant, group_size, symmetric, method, skip, overrides):
+def _quantize_options(quant, group_size, symmetric, method, skip, overrides, zero_points="float"):
     """The quantize pass's options (a `QuantizeOptions`, or None without `quant`), checked: a bad value fails
     here, in one line, before the pass runs."""
     from lmforge.passes.quantize import QuantizeOptions
@@ -182,7 +185,8 @@ def _quantize_options(quant, group_size, symmetric, method, skip, overrides):
     skip_text = DEFAULT_SKIP if skip is None else (skip if isinstance(skip, str) else "|".join(skip))
     if isinstance(overrides, dict):
         overrides = ";".join(f"{pattern}:{spec}" for pattern, spec in overrides.items())
-    settings = {"group_size": group_size or 0, "symmetric": bool(symmetric), "method": method}
+    settings = {"group_size": group_size or 0, "symmetric": bool(symmetric), "method": method,
+                "zero_points": zero_points}
     settings = {k: v for k, v in settings.items() if k in handler(quant).settings}  # fp8 takes none of them
     options = QuantizeOptions(scheme=quant, skip=skip_text, overrides=overrides or "", **settings)
     options.resolve()
@@ -241,3 +245,17 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
                     rank=rank)
     engine.load_seconds = time.perf_counter() - started
     return engine
+
+
+def export(artifact: str | Path, format: str, output_dir: str | Path, *, verify: bool = True,
+           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write the artifact at `artifact` in `format` ("hf": a Hugging Face directory with compressed-tensors
+    quantization) to `output_dir`, a path that must not exist yet; returns a summary (path, bytes, ...).
+
+    Quantized weights are carried as the artifact holds them, never re-quantized; what a format cannot hold is
+    a one-line `LmforgeError` naming the option that would make it possible (`lmforge export --help` lists
+    what each format carries). Nothing is left at `output_dir` when it fails.
+    """
+    from lmforge.export.exporter import export as write
+
+    return write(artifact, format, output_dir, verify=verify, progress=progress)

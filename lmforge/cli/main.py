@@ -1,4 +1,4 @@
-"""The `lmforge` command: optimize, run, inspect, bench, eval.
+"""The `lmforge` command: optimize, run, inspect, bench, eval, export.
 
 Each command lives in its own module under `lmforge/cli/commands/`; this one holds the group, its `--debug`
 flag, and `main`, which turns errors into one line. Errors the user can fix print one line on stderr and exit
@@ -15,6 +15,7 @@ import click
 
 from lmforge.cli.commands.bench import bench
 from lmforge.cli.commands.evaluate import evaluate
+from lmforge.cli.commands.export import export
 from lmforge.cli.commands.inspect import inspect
 from lmforge.cli.commands.optimize import optimize
 from lmforge.cli.commands.run import run
@@ -37,11 +38,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
       lmforge inspect out --json
       lmforge bench out --batch 4
       lmforge optimize -o demo-int4 --quant int4 && lmforge eval demo-int4
+      lmforge export out --format hf -o out-hf    # for transformers, vLLM, SGLang
     """
     ctx.ensure_object(dict)["debug"] = debug
 
 
-for command in (optimize, run, inspect, bench, evaluate):
+for command in (optimize, run, inspect, bench, evaluate, export):
     cli.add_command(command)
 
 

@@ -234,7 +234,19 @@ def capture(model: nn.Module, source: str = "", kv_dtype: torch.dtype | None = N
     config = model.config.to_dict()
     if not config.get("architectures"):  # models built from a config, not from_pretrained, leave it empty
         config["architectures"] = [type(model).__name__]
-    return _lower(ep, config, KVCacheSpec(kv_layers, dtype), source or type(model).__name__)
+    ir = _lower(ep, config, KVCacheSpec(kv_layers, dtype), source or type(model).__name__)
+    ir.aliases = {name: names for name, names in tied_names(model).items() if name in ir.weight_names.values()}
+    return ir
+
+
+def tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Name -> every name of the same tensor, in registration order, for the model's tied weights (an lm_head
+    sharing the input embedding). torch.export keeps one of the names; exporters write the one the source
+    checkpoint held, the first."""
+    groups: dict[int, list[str]] = {}
+    for name, t in (*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)):
+        groups.setdefault(id(t), []).append(name)
+    return {name: names for names in groups.values() if len(names) > 1 for name in names}
 
 
 def _attr_name(name: str) -> str:

@@ -75,6 +75,9 @@ class GraphIR:
     quantization: dict[str, Any] = field(default_factory=dict)
     # what the shard pass did (how each sharded weight was cut, the ranks' tensors); None for a one-device graph
     tensor_parallel: TensorParallel | None = None
+    # source name -> every name the source model gave that tensor (tied weights only), first the one its
+    # checkpoint holds: an artifact keeps one name a tensor, an exporter writes the others' expected key
+    aliases: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def tp(self) -> int:

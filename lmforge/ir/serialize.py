@@ -142,6 +142,7 @@ def graph_to_json(ir: GraphIR) -> dict[str, Any]:
         "nodes": nodes,
         **({"quantization": ir.quantization} if ir.quantization else {}),
         **({"tensor_parallel": ir.tensor_parallel.to_json()} if ir.tensor_parallel else {}),
+        **({"aliases": ir.aliases} if ir.aliases else {}),
     }
 
 
@@ -290,5 +291,9 @@ def graph_from_json(doc: dict[str, Any], weights: dict[str, torch.Tensor], confi
         tensor_parallel = TensorParallel.from_json(raw_tp, weight_names) if raw_tp is not None else None
     except (AttributeError, KeyError, TypeError, ValueError):
         raise dec.fail(f"malformed tensor_parallel entry {raw_tp!r}") from None
+    aliases = doc.get("aliases") or {}
+    if not (isinstance(aliases, dict) and all(isinstance(v, list) and all(isinstance(n, str) for n in v)
+                                              for v in aliases.values())):
+        raise dec.fail(f"malformed aliases entry {aliases!r}")
     return GraphIR(gm=gm, config=config, kv=kv, weight_names=weight_names, weight_kinds=weight_kinds,
-                   quantization=quantization, tensor_parallel=tensor_parallel)
+                   quantization=quantization, tensor_parallel=tensor_parallel, aliases=aliases)

@@ -1,4 +1,4 @@
-"""quantize{scheme=int4,group_size=128,symmetric=false,method=rtn,skip=lm_head,overrides=...}: weight-only
+"""quantize{scheme=int4,group_size=128,symmetric=false,method=rtn,zero_points=float,skip=lm_head,overrides=...}: weight-only
 int4 or int8, or fp8 dynamic quantization of the linear layers.
 
 The rewrite: each linear layer on a trained weight, in whichever ATen form the capture gave it (`ir/linear.py`),
@@ -57,6 +57,7 @@ class QuantizeOptions:
     group_size: int = 0  # int4: columns per scale; 0: 128, or per layer the largest that divides in_features
     symmetric: bool = False  # int4: no zero points (q - 8)
     method: str = "rtn"  # int4: rtn (round to nearest) or hqq (calibration-free search of zero points)
+    zero_points: str = "float"  # int4, asymmetric: min/max's fractional zero points, or "int": rounded to 0..15
     skip: str = DEFAULT_SKIP  # layer-name globs kept in float, separated by '|'
     overrides: str = ""  # "GLOB:TOKEN+TOKEN;..." per-pattern settings (see lmforge/quant/__init__.py)
     dtype: str = ""  # the compute dtype convert-dtype will give the graph: int4 scales and zero points are
@@ -74,7 +75,7 @@ class QuantizeOptions:
         if self.dtype and self.dtype not in COMPUTE_DTYPES:
             raise PassError(f"quantize: dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         dtype = dtype_from_name(self.dtype) if self.dtype else None
-        settings = {"symmetric": self.symmetric, "method": self.method}
+        settings = {"symmetric": self.symmetric, "method": self.method, "zero_points": self.zero_points}
         if self.group_size:  # chosen, so never fitted to a layer
             settings["group_size"] = self.group_size
         return LayerRules.parse(self.scheme, settings, self.skip, self.overrides), dtype

@@ -45,6 +45,7 @@ from lmforge.quant.scheme import PackedTensor, QuantScheme, register_scheme
 
 GROUP_SIZES = (32, 64, 128, 256)
 METHODS = ("rtn", "hqq")
+ZERO_POINTS = ("float", "int")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class Int4Config:
     group_size: int = 128
     symmetric: bool = False
     method: str = "rtn"
+    # asymmetric only: "float" keeps min/max's fractional zero points; "int" rounds them to 0..15 (what
+    # compressed-tensors, GGUF and ONNX's uint8 zero points hold), the scales still from min/max. Readers
+    # that predate the setting dequantize either the same way: zeros are floats in both.
+    zero_points: str = "float"
     version: int = 1
 
     def __post_init__(self):
@@ -64,6 +69,10 @@ class Int4Config:
             raise LmforgeError(f"int4 method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.symmetric and self.method == "hqq":
             raise LmforgeError("int4 method 'hqq' optimises zero points, so it is asymmetric only")
+        if self.zero_points not in ZERO_POINTS:
+            raise LmforgeError(f"int4 zero points must be one of {', '.join(ZERO_POINTS)}, got {self.zero_points!r}")
+        if self.zero_points == "int" and self.method == "hqq":
+            raise LmforgeError("int4 method 'hqq' optimises fractional zero points; integer zero points need 'rtn'")
 
     def unsuitable(self, shape: tuple[int, ...]) -> str | None:
         """Why a weight of `shape` cannot take this scheme, or None."""
@@ -130,6 +139,13 @@ def quantize(w: torch.Tensor, cfg: Int4Config, dtype: torch.dtype | None = None)
         scales = _stored(scales.reshape(N, K // G), dtype)
         q = ao.quantize_affine(w32, block, scales.float(), zeros.reshape(N, K // G), torch.int8, -8, 7)
         return Int4Weight(pack(q.to(torch.int16) + 8), scales, None, G)
+    if cfg.zero_points == "int":  # min/max's scale, its zero point rounded to an integer in 0..15
+        scales, zeros = ao.choose_qparams_affine(w32, ao.MappingType.ASYMMETRIC, block, torch.uint8, quant_min=0,
+                                                 quant_max=15, eps=1e-12, scale_dtype=torch.float32)
+        scales = _stored(scales.reshape(N, K // G), dtype)
+        zeros = zeros.reshape(N, K // G)
+        q = ao.quantize_affine(w32, block, scales.float(), zeros, torch.uint8, 0, 15)
+        return Int4Weight(pack(q), scales, zeros.to(dtype), G)
     # min/max over the group, zero point -min / scale kept fractional: torchao's tinygemm parameters, whose
     # float-domain zero zf = min + 8 * scale is our zero point (8 - zf / scale) in the other domain
     scales, zf = ao._choose_qparams_affine_tinygemm(w32, ao.MappingType.ASYMMETRIC, block, torch.int32, 0, 15,
@@ -149,7 +165,8 @@ def _stored(scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 # override tokens (rules.py) other than g<group size>
-_TOKENS = {"sym": ("symmetric", True), "asym": ("symmetric", False), "rtn": ("method", "rtn"), "hqq": ("method", "hqq")}
+_TOKENS = {"sym": ("symmetric", True), "asym": ("symmetric", False), "rtn": ("method", "rtn"), "hqq": ("method", "hqq"),
+           "izp": ("zero_points", "int"), "fzp": ("zero_points", "float")}
 
 
 @register_scheme
@@ -176,6 +193,8 @@ class Int4Scheme(QuantScheme):
 
     def label(self, described: dict[str, Any]) -> str:
         sym = "sym" if described["symmetric"] else "asym"
+        if not described["symmetric"] and described.get("zero_points", "float") == "int":
+            sym += " int-zp"
         return f"int4 g{described['group_size']} {sym} {described['method']}"
 
     def parse_token(self, token: str) -> tuple[str, Any] | None:

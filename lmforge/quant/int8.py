@@ -10,7 +10,8 @@ A linear weight W (N, K) becomes two tensors (`Int8Weight`):
 Half the bytes of bfloat16 per weight, and the activations keep the compute dtype (no per-token rounding as
 fp8's has), so the quality stays close to bfloat16. The math is torchao's: `choose_qparams_affine` and
 `quantize_affine` with `MappingType.SYMMETRIC` over blocks of one whole row. The same two tensors are the
-compressed-tensors `int-quantized` scheme (8 bits, symmetric, channel strategy, weight-only).
+compressed-tensors 8-bit `pack-quantized` scheme (symmetric, channel strategy, weight-only: W8A16), as
+`lmforge export --format hf` writes it.
 
 `Int8Scheme` is the scheme's handler (see `scheme.py`): the quantize pass emits `lmforge::int8_linear(x,
 qweight, scales, bias)`, the scales a "buffer" weight so that convert-dtype leaves them float32.
@@ -74,7 +75,7 @@ class Int8Scheme(QuantScheme):
     layout = {
         "tensors": {"<layer>.qweight": "(N, K) int8, -127..127", "<layer>.scales": "(N,) float32"},
         "dequantize": "W[n, k] = qweight[n, k] * scales[n]; activations stay in the compute dtype",
-        "compatible_with": "compressed-tensors int-quantized (8 bits, symmetric, channel strategy, weight-only)",
+        "compatible_with": "compressed-tensors pack-quantized (8 bits, symmetric, channel strategy, weight-only)",
     }
 
     def pack(self, w: torch.Tensor, cfg: Int8Config, dtype: torch.dtype) -> list[PackedTensor]:

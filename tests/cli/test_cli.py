@@ -159,7 +159,7 @@ def test_bench_json(demo):
     (["inspect"], "error: Missing argument 'ARTIFACT'"),
     (["run", "{demo}", "--prompt-ids", "1,x"], "error: Invalid value for '--prompt-ids': expected comma-separated token ids"),
     (["run", "{demo}", "--prompt-ids", "1,99999"], "is outside the vocabulary"),
-    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--group-size", "64"], "error: --group-size, --symmetric, --quant-method, --skip and --override need --quant"),
+    (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--group-size", "64"], "error: --group-size, --symmetric, --quant-method, --zero-points, --skip and --override need --quant"),
     (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "fp8", "--symmetric"], "are int4 settings; fp8 has none"),
     (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "int8", "--group-size", "64"], "are int4 settings; int8 has none"),
     (["optimize", "{hf_dir}", "-o", "{tmp}/x", "--quant", "int4", "--group-size", "48"], "error: Invalid value for '--group-size'"),
@@ -232,7 +232,7 @@ def test_int8_optimize_inspect_run_and_eval(tmp_path):
     code, stdout, _ = invoke("inspect", str(out), "--json")
     q = json.loads(stdout)["quantization"]
     assert q["scheme"] == "int8" and q["layers"]["model.layers.1.mlp.down_proj"] == {"scheme": "int8", "version": 1}
-    assert "int-quantized" in q["layouts"]["int8"]["compatible_with"]
+    assert "pack-quantized" in q["layouts"]["int8"]["compatible_with"]
     code, stdout, stderr = invoke("run", str(out), "-p", "The for statement", "-n", "8")
     assert code == 0 and stdout.strip(), stderr
     assert invoke("optimize", "-o", str(plain))[0] == 0

@@ -37,6 +37,31 @@ def test_asymmetric_rtn_is_min_max_with_fractional_zero(group):
     assert ((int4.dequantize(p) - w).abs() <= step / 2 + 1e-6).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_integer_zero_points_are_rounded_min_max(dtype):
+    w = _weight(seed=3)
+    p = int4.quantize(w, int4.Int4Config(group_size=32, zero_points="int"), dtype)
+    N, K = w.shape
+    groups = w.reshape(N, K // 32, 32)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    torch.testing.assert_close(p.scales.float(), ((hi - lo) / 15).to(dtype).float(), rtol=0, atol=0)
+    z = p.zeros.float()
+    assert p.zeros.dtype == dtype and torch.equal(z, z.round()) and z.min() >= 0 and z.max() <= 15
+    assert ((z - (-lo / ((hi - lo) / 15))).abs() <= 0.5 + 1e-4).all()  # the fractional one, rounded
+    s, zz = (t.float().repeat_interleave(32, 1) for t in (p.scales, p.zeros))
+    assert torch.equal(int4.unpack(p.qdata).float(), torch.clamp(torch.round(w / s) + zz, 0, 15))
+    exact = int4.quantize(w, int4.Int4Config(group_size=32), torch.float32)
+    err_int, err_float = ((int4.dequantize(q) - w).norm() for q in (p, exact))
+    assert err_float < err_int < 1.2 * err_float  # a little worse than fractional ones, not much
+
+
+def test_integer_zero_points_need_rtn():
+    with pytest.raises(LmforgeError, match="integer zero points need 'rtn'"):
+        int4.Int4Config(method="hqq", zero_points="int")
+    with pytest.raises(LmforgeError, match="zero points must be one of float, int"):
+        int4.Int4Config(zero_points="half")
+
+
 def test_symmetric_has_no_zeros_and_centres_on_eight():
     w = _weight(seed=1)
     p = int4.quantize(w, int4.Int4Config(group_size=64, symmetric=True), torch.float32)

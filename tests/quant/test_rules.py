@@ -35,7 +35,7 @@ def test_fp8_ignores_int4_settings():
     ("int4", "*.down_proj", "bad quantization override '\\*.down_proj': expected PATTERN:SETTINGS"),
     ("int4", "*.down_proj:g48", "group size must be one of"),
     ("int4", "*.down_proj:fast", "bad quantization setting 'fast' in '\\*.down_proj:fast'; use int4, fp8, int8, "
-                                 "g32, g64, g128, g256, sym, asym, rtn, hqq or skip$"),
+                                 "g32, g64, g128, g256, sym, asym, rtn, hqq, izp, fzp or skip$"),
 ])
 def test_bad_rules_fail_in_one_line(scheme, overrides, message):
     with pytest.raises(LmforgeError, match=message):

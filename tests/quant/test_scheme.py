@@ -82,10 +82,16 @@ def test_linear_form_points_at_the_packed_tensors(cfg):
 def test_describe_label_and_config():
     cfg = Int4Config(group_size=64, symmetric=True)
     described = handler_for(cfg).describe(cfg)
-    assert described == {"scheme": "int4", "group_size": 64, "symmetric": True, "method": "rtn", "version": 1}
+    assert described == {"scheme": "int4", "group_size": 64, "symmetric": True, "method": "rtn",
+                         "zero_points": "float", "version": 1}
     assert handler("int4").label(described) == "int4 g64 sym rtn"
+    asym_int = handler("int4").describe(Int4Config(zero_points="int"))
+    assert handler("int4").label(asym_int) == "int4 g128 asym int-zp rtn"
+    # a manifest from before the setting: fractional zero points
+    assert handler("int4").label({k: v for k, v in asym_int.items() if k != "zero_points"}) == "int4 g128 asym rtn"
     assert handler("fp8").label(handler("fp8").describe(Fp8Config())) == "fp8"
-    assert handler("int4").settings == ("group_size", "symmetric", "method") and handler("fp8").settings == ()
+    assert handler("int4").settings == ("group_size", "symmetric", "method", "zero_points")
+    assert handler("fp8").settings == ()
     assert handler("fp8").make_config(group_size=64) == Fp8Config()
     assert handler("int8").label(handler("int8").describe(Int8Config())) == "int8" and handler("int8").settings == ()
 

@@ -25,6 +25,9 @@ DEMO_OUT = "lmforge-demo"
 @click.option("--symmetric", is_flag=True, help="int4: symmetric (no zero points) instead of asymmetric.")
 @click.option("--quant-method", type=click.Choice(["rtn", "hqq"]),
               help="int4: round to nearest, or HQQ's calibration-free search of zero points [default: rtn].")
+@click.option("--zero-points", type=click.Choice(["float", "int"]),
+              help="int4, asymmetric: min/max's fractional zero points, or integers in 0..15, which compressed-tensors "
+                   "holds (`lmforge export --format hf` then carries them exactly) [default: float].")
 @click.option("--skip", metavar="GLOBS", help="Layers kept in float, comma-separated globs [default: lm_head; '' for none].")
 @click.option("--override", "overrides", multiple=True, metavar="GLOB:SETTINGS",
               help="Per-layer settings, e.g. '*.down_proj:g32+sym', '*.layers.0.*:skip', 'lm_head:fp8' (repeatable).")
@@ -34,7 +37,8 @@ DEMO_OUT = "lmforge-demo"
 @click.option("--print-after", multiple=True, metavar="PASS", help="Print the IR after this pass (repeatable; 'all' for every pass).")
 @click.option("--dump-ir", type=click.Path(path_type=Path), help="Write the IR after every pass into this directory.")
 @click.pass_context
-def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetric, quant_method, skip, overrides,
+def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetric, quant_method, zero_points, skip,
+             overrides,
              tp, pipeline, print_after, dump_ir):
     """Capture MODEL, run the pass pipeline and write an artifact.
 
@@ -48,6 +52,7 @@ def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetri
       lmforge optimize ./gpt2 -o gpt2 --print-after constant-fold
       lmforge optimize -o demo-int4 --quant int4 --group-size 64
       lmforge optimize ./TinyLlama -o tl-int4 --quant int4 --skip 'lm_head,*.gate_proj' --override '*.down_proj:g32'
+      lmforge optimize ./TinyLlama -o tl-int4z --quant int4 --zero-points int   # for export --format hf
       lmforge optimize ./TinyLlama -o tl-fp8 --quant fp8
       lmforge optimize ./TinyLlama -o tl-int8 --quant int8
       lmforge optimize ./TinyLlama -o tl-tp2 --tp 2 --quant int4     # then: lmforge run tl-tp2 -p "..."
@@ -55,14 +60,19 @@ def optimize(ctx, model, output, dtype, max_seq_len, quant, group_size, symmetri
     import lmforge
     from lmforge.passes import Instruments
 
-    if quant is None and (group_size or symmetric or quant_method or skip is not None or overrides):
-        raise click.UsageError("--group-size, --symmetric, --quant-method, --skip and --override need --quant")
-    if quant and not SCHEMES[quant].settings and (group_size or symmetric or quant_method):
-        raise click.UsageError(f"--group-size, --symmetric and --quant-method are int4 settings; {quant} has none")
+    int4_flags = group_size or symmetric or quant_method or zero_points
+    if quant is None and (int4_flags or skip is not None or overrides):
+        raise click.UsageError("--group-size, --symmetric, --quant-method, --zero-points, --skip and --override need "
+                               "--quant")
+    if quant and not SCHEMES[quant].settings and int4_flags:
+        raise click.UsageError(f"--group-size, --symmetric, --quant-method and --zero-points are int4 settings; "
+                               f"{quant} has none")
+    if symmetric and zero_points:
+        raise click.UsageError("--zero-points applies to asymmetric int4; --symmetric has none")
     quant_args = {}
     if quant:
         quant_args = dict(quant=quant, group_size=int(group_size) if group_size else None, symmetric=symmetric,
-                          quant_method=quant_method or "rtn",
+                          quant_method=quant_method or "rtn", zero_points=zero_points or "float",
                           skip=None if skip is None else [p for p in skip.split(",") if p.strip()],
                           overrides=";".join(overrides) or None)
     _quiet_transformers()

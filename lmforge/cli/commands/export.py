@@ -1,0 +1,44 @@
+"""`lmforge export`: write an artifact in another serving system's format (`lmforge/export/formats.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from lmforge.cli.report import progress_console
+from lmforge.export.exporter import format_help, formats
+
+
+def _epilog() -> str:
+    return "\b\nFormats:\n" + format_help()
+
+
+@click.command(epilog=_epilog())
+@click.argument("artifact", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(list(formats())), help="The output format.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
+              help="Where to write it: a new directory (or file, for single-file formats); never replaced.")
+@click.option("--no-verify", is_flag=True, help="Skip the artifact's checksum check.")
+def export(artifact, fmt, output, no_verify):
+    """Write ARTIFACT (from `lmforge optimize`) in another serving system's format, carrying its quantized
+    weights as they are (never re-quantized).
+
+    \b
+    Examples:
+      lmforge export lmforge-demo --format hf -o demo-hf     # then: AutoModelForCausalLM.from_pretrained("demo-hf")
+      lmforge optimize -o demo-int4 --quant int4 --symmetric && lmforge export demo-int4 --format hf -o demo-int4-hf
+    """
+    import time
+
+    import lmforge
+
+    console = progress_console()
+    started = time.perf_counter()
+    with console.status("exporting") as status:
+        summary = lmforge.export(artifact, format=fmt, output_dir=output,
+                                 verify=not no_verify, progress=lambda stage: status.update(stage))
+    seconds = time.perf_counter() - started
+    extra = ", ".join(f"{k.replace('_', ' ')} {v if not isinstance(v, list) else ' '.join(v) or '-'}"
+                      for k, v in summary.items() if k not in ("path", "bytes"))
+    click.echo(f"wrote {summary['path']} ({summary['bytes'] / 1e6:.1f} MB, {fmt}) in {seconds:.1f} s: {extra}")
