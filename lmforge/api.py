@@ -123,6 +123,7 @@ def optimize(
         raise LmforgeError("pass either tp=... or a pipeline with a shard step, not both")
     step = progress or (lambda _: None)
     target = _dtype_arg(dtype)
+    imported = None  # a compressed-tensors checkpoint's quantized layers
     source: str | None
     label = None  # how the manifest names the source model
     if model_or_path is None:
@@ -138,7 +139,18 @@ def optimize(
     else:
         source = str(model_or_path)
         step("load")
-        model, declared = load_hf_model(source, dtype=torch.float32)
+        imported = _compressed_checkpoint(source)
+        if imported is not None:
+            if quant is not None or pipeline is not None:
+                raise LmforgeError(f"{source} is already quantized ({imported.describe()}, compressed-tensors); "
+                                   f"lmforge keeps its quantized weights as they are: optimize it without quant (--quant) "
+                                   f"or a pipeline")
+            from lmforge.ir.capture import load_hf_model_from_state
+
+            model = load_hf_model_from_state(source, imported.state, imported.config)
+            declared = _dtype_arg(imported.dtype) if imported.dtype in _DTYPES else torch.float32
+        else:
+            model, declared = load_hf_model(source, dtype=torch.float32)
         native, target = torch.float32, target or declared
     config = model.config.to_dict()
     limit = _position_limit(config)
@@ -152,10 +164,20 @@ def optimize(
     dtype_name = str(target).removeprefix("torch.")
     custom = pipeline is not None
     quantize = _quantize_options(quant, group_size, symmetric, quant_method, skip, overrides, zero_points)
+    if imported is not None:  # the checkpoint's own quantized tensors, for the quantize pass to keep
+        from lmforge.passes.quantize import QuantizeOptions
+        from lmforge.quant import handler_for
+
+        ir.imported = imported.layers
+        schemes = [handler_for(layer.config).name for layer in imported.layers.values()]
+        scheme = max(set(schemes), key=schemes.count)
+        quantize = QuantizeOptions(scheme=scheme, imported=True)
     if quantize and custom:
         raise LmforgeError("pass either quant=... or a pipeline with a quantize step, not both")
     steps = pipeline or default_pipeline(dtype_name if target != native else None, max_seq_len, quantize, tp)
     PassManager(steps, instruments).run(ir)
+    if imported is not None:
+        _check_imported(ir, imported, dtype_name)
     if ir.kv.dtype != target and (dtype is not None or not custom):  # a custom pipeline may choose the dtype
         raise LmforgeError(f"the pipeline left the graph in {ir.kv.dtype}, but dtype {dtype_name} was asked for; "
                            f"add convert-dtype{{dtype={dtype_name}}} to it")
@@ -170,6 +192,41 @@ def optimize(
         return write_artifact(ir, Path(output_dir), max_seq_len=max_seq_len,
                               pipeline=pipeline if custom else format_pipeline(steps),
                               tokenizer_files=files, tokenizer_info=info)
+
+
+def _compressed_checkpoint(source: str):
+    """The quantized layers of a local compressed-tensors checkpoint (`CompressedCheckpoint`), or None for any
+    other source."""
+    import json
+
+    from lmforge.quant.compressed_tensors import is_compressed, read_checkpoint
+
+    path = Path(source)
+    if not (path / "config.json").is_file():
+        return None
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LmforgeError(f"{path / 'config.json'} is not valid JSON: {e}") from None
+    return read_checkpoint(path) if is_compressed(config) else None
+
+
+def _check_imported(ir, imported, dtype_name: str) -> None:
+    """Every imported tensor reached the artifact with its values (a compute dtype narrower than the
+    checkpoint's scales would round them)."""
+    saved = {ir.weight_names.get(attr, attr): t for attr, t in ir.weights().items()}
+    for layer, entry in imported.layers.items():
+        for packed in entry.packed:
+            if packed.tensor is None:
+                continue
+            name = f"{layer}.{packed.suffix}"
+            mine = saved.get(name)
+            if mine is None or mine.shape != packed.tensor.shape or not torch.equal(
+                    mine.double() if mine.is_floating_point() else mine.view(torch.uint8),
+                    packed.tensor.double() if packed.tensor.is_floating_point() else packed.tensor.view(torch.uint8)):
+                raise LmforgeError(f"{name} would not keep the checkpoint's values in {dtype_name} (its "
+                                   f"{packed.suffix} are {str(packed.tensor.dtype).removeprefix('torch.')}); "
+                                   f"choose a dtype that holds them")
 
 
 def _quantize_options(quant, group_size, symmetric, method, skip, overrides, zero_points="float"):

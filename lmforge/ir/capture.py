@@ -61,6 +61,36 @@ def load_hf_model(source: str, dtype: torch.dtype | None = None) -> tuple[nn.Mod
     return model.eval(), declared if isinstance(declared, torch.dtype) else torch.float32
 
 
+def load_hf_model_from_state(source: str, state: dict[str, torch.Tensor], config: dict[str, Any]) -> nn.Module:
+    """A causal LM built from `config` (a config.json's contents) in float32, its weights from `state`: how a
+    checkpoint whose tensors lmforge reads itself (compressed-tensors) is loaded for capture. Every tensor in
+    `state` must be one of the model's, and every parameter of the model must be in `state` (or tied to one)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = {k: v for k, v in config.items() if k not in ("model_type", "quantization_config")}
+    try:
+        cfg = AutoConfig.for_model(config.get("model_type", ""), **settings)
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+        except (ValueError, NotImplementedError) as e:
+            if "sdpa" not in str(e).lower():
+                raise
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float32)
+    except ValueError as e:
+        raise CaptureError(f"unsupported model {source!r}: {first_line(e)}") from e
+    result = model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()},
+                                   strict=False)
+    if result.unexpected_keys:
+        raise CaptureError(f"{source}: tensor {result.unexpected_keys[0]!r} is not one of "
+                           f"{type(model).__name__}'s")
+    tied = set(tied_names(model))
+    persistent = {name for name, _ in model.named_parameters()} | set(model.state_dict())
+    missing = [k for k in result.missing_keys if k in persistent and k not in tied]
+    if missing:
+        raise CaptureError(f"{source}: the checkpoint lacks {missing[0]!r}")
+    return model.eval()
+
+
 def first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]

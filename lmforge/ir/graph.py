@@ -78,6 +78,9 @@ class GraphIR:
     # source name -> every name the source model gave that tensor (tied weights only), first the one its
     # checkpoint holds: an artifact keeps one name a tensor, an exporter writes the others' expected key
     aliases: dict[str, list[str]] = field(default_factory=dict)
+    # layer -> its quantized tensors as a quantized source checkpoint holds them (`quant.compressed_tensors.
+    # ImportedLayer`), for `quantize{imported=true}` to keep as they are; the compiler's only, never saved
+    imported: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tp(self) -> int:

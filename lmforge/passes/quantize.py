@@ -25,6 +25,11 @@ after `fuse-attention` and before `convert-dtype`, so the weights are quantized 
 with `dtype` set to convert-dtype's, the int4 scales and zero points are made in that dtype already (and
 the codes chosen against those rounded values), and convert-dtype puts the biases there too.
 
+A quantized checkpoint (compressed-tensors) comes in with `imported=true`: `lmforge.optimize` reads its
+packed tensors into `ir.imported` (`quant/compressed_tensors.py`), and the pass gives each layer those tensors
+and the checkpoint's settings instead of quantizing the float weights capture saw (which are their
+dequantized values), so the artifact holds the checkpoint's numbers exactly.
+
 Options: `lmforge.optimize` builds `QuantizeOptions` directly (no text in between) and puts it in its
 pipeline as a step; `QuantizeOptions.resolve` is the one place they are checked, for the API and the pass.
 """
@@ -45,7 +50,7 @@ from lmforge.ir.linear import find_linears as find_all
 from lmforge.ir.ops import op_facts
 from lmforge.ir.spec import TensorSpec, dtype_from_name
 from lmforge.ir.pass_manager import PROPERTIES, PassResult, register_pass
-from lmforge.quant import DEFAULT_SKIP, SCHEMES, LayerRules, QuantScheme, handler_for
+from lmforge.quant import DEFAULT_SKIP, SCHEMES, LayerRules, handler_for
 
 aten = torch.ops.aten
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")  # what `dtype=` may name
@@ -58,6 +63,9 @@ class QuantizeOptions:
     symmetric: bool = False  # int4: no zero points (q - 8)
     method: str = "rtn"  # int4: rtn (round to nearest) or hqq (calibration-free search of zero points)
     zero_points: str = "float"  # int4, asymmetric: min/max's fractional zero points, or "int": rounded to 0..15
+    # take each layer's quantized tensors from `ir.imported` (a quantized checkpoint's, read by
+    # `lmforge.optimize`) instead of quantizing; layers it does not hold keep their float weights
+    imported: bool = False
     skip: str = DEFAULT_SKIP  # layer-name globs kept in float, separated by '|'
     overrides: str = ""  # "GLOB:TOKEN+TOKEN;..." per-pattern settings (see lmforge/quant/__init__.py)
     dtype: str = ""  # the compute dtype convert-dtype will give the graph: int4 scales and zero points are
@@ -129,12 +137,24 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
     def count(key: str) -> None:
         stats[key] = stats.get(key, 0) + 1
 
+    if options.imported and not ir.imported:
+        raise PassError("quantize{imported=true} needs a quantized checkpoint's tensors: run lmforge.optimize on "
+                        "a compressed-tensors checkpoint")
+    unused = set(ir.imported)
     for m in find_linears(ir):
         names = _layer_names(ir, m, final)
         label = names[0]  # the layer's name: lm_head, or its weight's name without `.weight`
         weight = ir.weight(m.weight.target)
         w = weight.t() if m.transposed else weight
-        cfg, reason = rules.for_layer(names, tuple(w.shape))
+        source = next((ir.imported[n] for n in names if n in ir.imported), None) if options.imported else None
+        if options.imported:
+            cfg, reason = (source.config, None) if source is not None else (None, "float in the source checkpoint")
+            unused -= set(names)
+            if source is not None and tuple(source.weight.shape) != tuple(w.shape):
+                raise PassError(f"quantize: the checkpoint's {label} is {tuple(source.weight.shape)}, the graph's "
+                                f"weight {tuple(w.shape)}")
+        else:
+            cfg, reason = rules.for_layer(names, tuple(w.shape))
         if cfg is not None:
             reason = cfg.unsuitable(tuple(w.shape))
             reason = f"kept: {reason}" if reason else None
@@ -145,7 +165,8 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
         scheme = handler_for(cfg)
         key = (m.weight.target, cfg)
         if key not in packed:
-            packed[key] = _pack(ir, scheme, cfg, w, label, dtype or w.dtype)
+            tensors = source.packed if source is not None else scheme.pack(w, cfg, dtype or w.dtype)
+            packed[key] = _register(ir, tensors, label)
         with graph.inserting_before(m.node):
             gets = [graph.get_attr(a) if a is not None else None for a in packed[key]]
         for get in gets:
@@ -158,6 +179,9 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
         graph.erase_node(m.node)
         layers[label] = scheme.describe(cfg)
         count(f"{scheme.name}-layers")
+    if unused:
+        raise PassError(f"quantize: the checkpoint quantizes {sorted(unused)[0]}, which is not a linear layer of "
+                        f"the captured graph")
     graph.eliminate_dead_code()
     ir.prune_weights()
     names = list(ir.weight_names.values())
@@ -168,12 +192,13 @@ def quantize(ir: GraphIR, options: QuantizeOptions) -> PassResult:
     return PassResult(bool(layers), stats)
 
 
-def _pack(ir: GraphIR, scheme: QuantScheme, cfg, w: torch.Tensor, layer: str, dtype: torch.dtype) -> list[str | None]:
-    """Quantize `w` and register its packed tensors as weights named `layer.<suffix>`, of the kind the scheme
-    gives each; their attributes, in op order (None for an optional tensor the config does without)."""
+def _register(ir: GraphIR, tensors: list, layer: str) -> list[str | None]:
+    """Register a layer's packed tensors (`PackedTensor`s, in the op's order) as weights named `layer.<suffix>`,
+    of the kind the scheme gives each; their attributes, in op order (None for an optional tensor the config
+    does without)."""
     base = layer.replace(".", "_")
     attrs: list[str | None] = []
-    for packed in scheme.pack(w, cfg, dtype):
+    for packed in tensors:
         if packed.tensor is None:
             attrs.append(None)
             continue

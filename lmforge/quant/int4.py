@@ -17,12 +17,15 @@ Methods (`Int4Config.method`), all from torchao's quantization primitives:
 - `rtn`: round to nearest. Asymmetric: scale = (max - min) / 15 over the group and zero point -min / scale,
   left fractional (torchao's `_choose_qparams_affine_tinygemm`, the parameters of its own int4 weight-only
   scheme, and `_quantize_affine_tinygemm`); symmetric: scale = max|w| / 7.5, q = round(w / scale) + 8
-  in 0..15 (`choose_qparams_affine` with `MappingType.SYMMETRIC`). Rounding the zero point to an integer
-  instead costs 0.3% perplexity on the demo model at group size 128.
+  in 0..15 (`choose_qparams_affine` with `MappingType.SYMMETRIC`). `zero_points="int"` rounds the zero
+  point to an integer instead (`choose_qparams_affine` with `MappingType.ASYMMETRIC`, quant range 0..15),
+  which costs 0.3% perplexity on the demo model at group size 128.
 - `hqq`: Half-Quadratic Quantization's calibration-free search (torchao's
   `_choose_qparams_and_quantize_affine_hqq`): starts from min/max, then alternates rounding and a
   closed-form update of the float zero points that minimises an l_p (p < 1) reconstruction error.
   Asymmetric only.
+- `checkpoint`: not a method lmforge runs; the mark of layers whose numbers came from a quantized checkpoint
+  (`compressed_tensors.py`), however that was made.
 
 `Int4Scheme` is the scheme's handler (see `scheme.py`): the quantize pass emits `lmforge::int4_linear(x,
 qweight, scales, zeros, group_size, bias)` with these tensors, scales and zeros as "parameter" weights so
@@ -45,6 +48,7 @@ from lmforge.quant.scheme import PackedTensor, QuantScheme, register_scheme
 
 GROUP_SIZES = (32, 64, 128, 256)
 METHODS = ("rtn", "hqq")
+IMPORTED = "checkpoint"  # the method of layers read from a quantized checkpoint: its numbers, however made
 ZERO_POINTS = ("float", "int")
 
 
@@ -65,7 +69,7 @@ class Int4Config:
         if self.group_size not in GROUP_SIZES:
             raise LmforgeError(f"int4 group size must be one of {', '.join(map(str, GROUP_SIZES))}, "
                                f"got {self.group_size}")
-        if self.method not in METHODS:
+        if self.method not in (*METHODS, IMPORTED):
             raise LmforgeError(f"int4 method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.symmetric and self.method == "hqq":
             raise LmforgeError("int4 method 'hqq' optimises zero points, so it is asymmetric only")
@@ -121,6 +125,9 @@ def quantize(w: torch.Tensor, cfg: Int4Config, dtype: torch.dtype | None = None)
     problem = cfg.unsuitable(tuple(w.shape))
     if problem:
         raise LmforgeError(f"cannot quantize a weight of shape {tuple(w.shape)} to int4: {problem}")
+    if cfg.method == IMPORTED:
+        raise LmforgeError("int4 method 'checkpoint' marks layers imported from a quantized checkpoint; quantize "
+                           f"with one of {', '.join(METHODS)}")
     dtype = dtype or w.dtype
     ao = torchao_primitives()
     w32 = w.detach().float()

@@ -143,18 +143,12 @@ def test_same_tensors_as_compressed_tensors_writes(made, quant):
     state["weight_scale"] = scales if scales.dim() == 2 else scales.reshape(-1, 1)
     if f"{layer}.zeros" in weights:  # compressed-tensors' zero point is signed: ours less 8
         state["weight_zero_point"] = (weights[f"{layer}.zeros"].float() - 8).to(torch.int8)
-    theirs = compressor.compress(state, scheme) if _takes_scheme(compressor) else compressor.compress_weight(**state, quantization_args=scheme.weights)
+    theirs = compressor.compress(state, scheme)
     for key, value in theirs.items():
         if key in ("weight_scale",) or value is None:
             continue
         mine = exported[f"{layer}.{key}"]
         assert mine.dtype == value.dtype and torch.equal(mine, value.to(mine.device)), key
-
-
-def _takes_scheme(compressor) -> bool:
-    import inspect
-
-    return "scheme" in inspect.signature(compressor.compress).parameters
 
 
 def test_tied_lm_head_quantized_on_its_own(made, tmp_path):
