@@ -188,7 +188,7 @@ def _from_compressed(layer: str, t: dict[str, torch.Tensor], group: dict, fmt: s
     acts = group.get("input_activations")
     what = (f"{layer}: compressed-tensors {fmt} with {w.get('num_bits')}-bit {w.get('type')} {w.get('strategy')} "
             f"weights")
-    if w.get("actorder") or "weight_g_idx" in t:
+    if w.get("actorder") == "group" or "weight_g_idx" in t:  # ("weight" order calibrates, stores nothing)
         raise LmforgeError(f"{what} in activation order (g_idx); lmforge's int4 takes groups in column order")
     if fmt == "pack-quantized" and w.get("type") == "int" and acts is None:
         n, k = (int(v) for v in t["weight_shape"].tolist())
