@@ -305,9 +305,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
 
 
 def export(artifact: str | Path, format: str, output_dir: str | Path, *, verify: bool = True,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+           progress: Callable[[str], None] | None = None, **options: str) -> dict[str, Any]:
     """Write the artifact at `artifact` in `format` ("hf": a Hugging Face directory with compressed-tensors
-    quantization) to `output_dir`, a path that must not exist yet; returns a summary (path, bytes, ...).
+    quantization; "gguf": one file for llama.cpp, `outtype="auto"|"f32"|"f16"|"bf16"|"q8_0"|"q4_0"`) to
+    `output_dir`, a path that must not exist yet; returns a summary (path, bytes, ...).
 
     Quantized weights are carried as the artifact holds them, never re-quantized; what a format cannot hold is
     a one-line `LmforgeError` naming the option that would make it possible (`lmforge export --help` lists
@@ -315,4 +316,4 @@ def export(artifact: str | Path, format: str, output_dir: str | Path, *, verify:
     """
     from lmforge.export.exporter import export as write
 
-    return write(artifact, format, output_dir, verify=verify, progress=progress)
+    return write(artifact, format, output_dir, verify=verify, progress=progress, **options)

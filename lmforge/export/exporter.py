@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-import lmforge.export.hf  # noqa: F401  (each writer registers its format)
+import lmforge.export.gguf  # noqa: F401  (each writer registers its format)
+import lmforge.export.hf  # noqa: F401
 from lmforge.errors import LmforgeError
 from lmforge.export.formats import FORMATS, ExportSource, Format
 
@@ -32,6 +33,8 @@ def format_help() -> str:
         lines.append(f"{fmt.name}: {fmt.summary}, for {fmt.consumer}.")
         lines.append(f"  architectures: {', '.join(fmt.architectures) or 'every one lmforge captures'}")
         lines.append(f"  quantization: {', '.join(fmt.schemes)}")
+        for key, values in fmt.options.items():
+            lines.append(f"  --{key}: {', '.join(values)}")
         if fmt.notes:
             lines.append(f"  {fmt.notes}")
     return "\n".join(lines)
@@ -57,12 +60,17 @@ def read_source(path: str | Path, verify: bool = True) -> ExportSource:
 
 
 def export(artifact: str | Path, format: str, output: str | Path, *, verify: bool = True,
-           progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Write the artifact at `artifact` in `format` to `output` (a new path); returns the writer's summary
-    (files, bytes, what each layer became)."""
+           progress: Callable[[str], None] | None = None, **options: str) -> dict[str, Any]:
+    """Write the artifact at `artifact` in `format` to `output` (a new path); `options` are the format's own
+    (gguf: outtype). Returns the writer's summary (path, bytes, what the layers became)."""
     if format not in FORMATS:
         raise LmforgeError(f"unknown export format {format!r}; known: {', '.join(FORMATS)}")
     fmt = FORMATS[format]
+    for key, value in options.items():
+        if key not in fmt.options:
+            raise LmforgeError(f"--{key} does not apply to --format {fmt.name}")
+        if value not in fmt.options[key]:
+            raise LmforgeError(f"--{key} must be one of {', '.join(fmt.options[key])}, got {value!r}")
     out = Path(output)
     if out.exists() or out.is_symlink():
         raise LmforgeError(f"{out} already exists; remove it or choose another output path")
@@ -78,7 +86,7 @@ def export(artifact: str | Path, format: str, output: str | Path, *, verify: boo
     try:
         if not fmt.single_file:
             tmp.mkdir()
-        summary = fmt.write(src, tmp, step)
+        summary = fmt.write(src, tmp, step, **options)
         if out.exists():
             raise LmforgeError(f"{out} appeared while exporting; the export is discarded")
         tmp.rename(out)

@@ -50,8 +50,9 @@ class Format:
     consumer: str  # what loads it
     architectures: tuple[str, ...]  # model_type values it carries; () for every one lmforge captures
     schemes: tuple[str, ...]  # quantization schemes it carries ("none": unquantized)
-    write: Callable[[ExportSource, Path, Callable[[str], None]], dict[str, Any]]  # -> a summary for people
+    write: Callable[..., dict[str, Any]]  # (source, output, progress, **options) -> a summary for people
     single_file: bool = False  # the output is one file, not a directory
+    options: dict[str, tuple[str, ...]] = field(default_factory=dict)  # option -> its values (the first: default)
     notes: str = ""  # what it refuses, and the option that would make it possible
 
 

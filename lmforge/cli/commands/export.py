@@ -19,8 +19,10 @@ def _epilog() -> str:
 @click.option("--format", "fmt", required=True, type=click.Choice(list(formats())), help="The output format.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path),
               help="Where to write it: a new directory (or file, for single-file formats); never replaced.")
+@click.option("--outtype", type=click.Choice(["auto", "f32", "f16", "bf16", "q8_0", "q4_0"]),
+              help="gguf: the weights' type [default: auto, what the artifact holds].")
 @click.option("--no-verify", is_flag=True, help="Skip the artifact's checksum check.")
-def export(artifact, fmt, output, no_verify):
+def export(artifact, fmt, output, outtype, no_verify):
     """Write ARTIFACT (from `lmforge optimize`) in another serving system's format, carrying its quantized
     weights as they are (never re-quantized).
 
@@ -28,6 +30,8 @@ def export(artifact, fmt, output, no_verify):
     Examples:
       lmforge export lmforge-demo --format hf -o demo-hf     # then: AutoModelForCausalLM.from_pretrained("demo-hf")
       lmforge optimize -o demo-int4 --quant int4 --symmetric && lmforge export demo-int4 --format hf -o demo-int4-hf
+      lmforge optimize -o demo-q4 --quant int4 --group-size 32 --symmetric && lmforge export demo-q4 --format gguf -o demo-q4.gguf
+      lmforge export lmforge-demo --format gguf -o demo-q8.gguf --outtype q8_0
     """
     import time
 
@@ -36,8 +40,9 @@ def export(artifact, fmt, output, no_verify):
     console = progress_console()
     started = time.perf_counter()
     with console.status("exporting") as status:
-        summary = lmforge.export(artifact, format=fmt, output_dir=output,
-                                 verify=not no_verify, progress=lambda stage: status.update(stage))
+        options = {"outtype": outtype} if outtype else {}
+        summary = lmforge.export(artifact, format=fmt, output_dir=output, verify=not no_verify,
+                                 progress=lambda stage: status.update(stage), **options)
     seconds = time.perf_counter() - started
     extra = ", ".join(f"{k.replace('_', ' ')} {v if not isinstance(v, list) else ' '.join(v) or '-'}"
                       for k, v in summary.items() if k not in ("path", "bytes"))

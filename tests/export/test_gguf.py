@@ -1,0 +1,176 @@
+"""`lmforge export --format gguf`, checked by its real consumer: llama.cpp (through llama-cpp-python) loads the
+file, and its logits and greedy tokens are lmforge's engine's on the same artifact."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import lmforge
+from lmforge.errors import LmforgeError
+from tests.conftest import make_model, random_ids
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+# logits of magnitude ~2 and spread ~0.5 (tiny random models), llama.cpp against lmforge's engine on the same
+# artifact. Measured: F32 5e-4 to 1e-3 (two float32 implementations, summing in their own orders), F16 weights
+# 1.4e-3, BF16 weights 8.7e-3, Q8_0 and Q4_0 0.021 to 0.031 (llama.cpp rounds the activations of quantized
+# matmuls to Q8_0 blocks; lmforge keeps them float). Skipping the q/k row permutation gives 0.24 to 0.29.
+F32_ATOL = 3e-3
+F16_ATOL = 5e-3
+BF16_ATOL = 0.03
+QUANT_ATOL = 0.08
+
+
+def _mistral_full_window():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    return MistralForCausalLM(MistralConfig(vocab_size=131, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                            sliding_window=None)).eval()
+
+
+def _llama_wide():
+    """intermediate 128, so every layer (down_proj too) takes groups of 32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=131, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model.eval()
+
+
+MODELS = {"llama": lambda: make_model("llama"), "qwen2": lambda: make_model("qwen2"), "mistral": _mistral_full_window,
+          "llama-wide": _llama_wide}
+_made: dict[tuple, tuple[str, str]] = {}
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    def get(model: str, outtype: str = "auto", dtype: str = "float32", **quant):
+        key = (model, outtype, dtype, tuple(sorted(quant.items())))
+        if key not in _made:
+            base = tmp_path_factory.mktemp(f"{model}-{outtype}")
+            lmforge.optimize(MODELS[model](), base / "art", dtype=dtype, max_seq_len=64, **quant)
+            lmforge.export(base / "art", format="gguf", output_dir=base / "model.gguf", outtype=outtype)
+            _made[key] = (str(base / "art"), str(base / "model.gguf"))
+        return _made[key]
+
+    return get
+
+
+def _llama(path: str):
+    return llama_cpp.Llama(model_path=path, n_ctx=64, n_batch=64, logits_all=True, verbose=False, n_threads=2,
+                           seed=0)
+
+
+def _their_logits(path: str, ids: list[int]) -> torch.Tensor:
+    llm = _llama(path)
+    llm.eval(ids)
+    return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+
+def _their_greedy(path: str, ids: list[int], n: int) -> list[int]:
+    llm = _llama(path)
+    llm.eval(ids)
+    out = []
+    for _ in range(n):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        llm.eval([token])
+    return out
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2", "mistral"])
+def test_float32_export_runs_in_llama_cpp(made, model):
+    art, gguf = made(model)
+    ids = random_ids(1, 11)[0].tolist()
+    ours = lmforge.load(art).forward(torch.tensor([ids]))[0].float()
+    torch.testing.assert_close(_their_logits(gguf, ids), ours, atol=F32_ATOL, rtol=0)
+    mine = lmforge.load(art).generate(torch.tensor([ids]), max_new_tokens=12)[0, len(ids):].tolist()
+    assert _their_greedy(gguf, ids, 12) == mine
+
+
+def test_f16_and_bf16_weights(made):
+    ids = random_ids(1, 9, seed=3)[0].tolist()
+    for outtype, atol in (("f16", F16_ATOL), ("bf16", BF16_ATOL)):
+        art, gguf = made("llama", outtype)
+        eng = lmforge.load(art)
+        torch.testing.assert_close(_their_logits(gguf, ids), eng.forward(torch.tensor([ids]))[0].float(), atol=atol,
+                                   rtol=0)
+        mine = eng.generate(torch.tensor([ids]), max_new_tokens=10)[0, len(ids):].tolist()
+        assert _their_greedy(gguf, ids, 10) == mine, outtype
+
+
+def test_q4_0_from_symmetric_group_32_int4_is_exact(made):
+    from gguf import GGUFReader, quants
+
+    # bfloat16 scales, which float16 holds exactly (float32 ones would be rounded: the summary reports by how much)
+    art, gguf = made("llama-wide", dtype="bfloat16", quant="int4", group_size=32, symmetric=True)
+    reader = GGUFReader(gguf)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["token_embd.weight"] == "BF16"
+    from safetensors.torch import load_file
+
+    from lmforge.quant.int4 import Int4Weight, dequantize
+
+    weights = load_file(str(Path(art) / "model.safetensors"))
+    t = next(t for t in reader.tensors if t.name == "blk.1.attn_v.weight")  # v: no row permutation
+    theirs = torch.from_numpy(quants.dequantize(t.data, t.tensor_type)).reshape(32, 64)
+    layer = "model.layers.1.self_attn.v_proj"
+    mine = dequantize(Int4Weight(weights[f"{layer}.qweight"], weights[f"{layer}.scales"], None, 32))
+    assert torch.equal(theirs, mine)
+    ids = random_ids(1, 11)[0].tolist()
+    ours = lmforge.load(art).forward(torch.tensor([ids]))[0].float()
+    torch.testing.assert_close(_their_logits(gguf, ids), ours, atol=QUANT_ATOL, rtol=0)
+
+
+def test_q8_0_and_requantized_int8_stay_close(made):
+    ids = random_ids(1, 11)[0].tolist()
+    for outtype, quant in (("q8_0", {}), ("auto", {"quant": "int8"})):
+        art, gguf = made("llama-wide", outtype, **quant)
+        ours = lmforge.load(art).forward(torch.tensor([ids]))[0].float()
+        torch.testing.assert_close(_their_logits(gguf, ids), ours, atol=QUANT_ATOL, rtol=0)
+
+
+def test_demo_model_tokenizer_and_text(tmp_path):
+    art = lmforge.optimize(None, tmp_path / "demo", dtype="float32")
+    lmforge.export(tmp_path / "demo", format="gguf", output_dir=tmp_path / "demo.gguf")
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "demo.gguf"), n_ctx=256, verbose=False, n_threads=2)
+    eng = lmforge.load(tmp_path / "demo")
+    text = "The for statement"
+    ids = eng.tokenizer.encode(text).ids
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    theirs = llm.create_completion(text, max_tokens=16, temperature=0.0, top_k=1)["choices"][0]["text"]
+    mine = eng.tokenizer.decode(eng.generate(torch.tensor([ids]), max_new_tokens=16)[0, len(ids):].tolist())
+    assert theirs == mine
+
+
+# --- what it refuses -------------------------------------------------------------------------------------
+
+
+def test_refusals(made, tmp_path):
+    lmforge.optimize(make_model("mistral"), tmp_path / "swa", dtype="float32", max_seq_len=64)
+    with pytest.raises(LmforgeError, match="no sliding window.*--max-seq-len 6"):
+        lmforge.export(tmp_path / "swa", format="gguf", output_dir=tmp_path / "swa.gguf")
+    lmforge.optimize(make_model("llama"), tmp_path / "g64", dtype="float32", max_seq_len=64, quant="int4",
+                     group_size=64)
+    with pytest.raises(LmforgeError, match="--group-size 32 --symmetric"):
+        lmforge.export(tmp_path / "g64", format="gguf", output_dir=tmp_path / "g64.gguf")
+    lmforge.optimize(make_model("gpt2"), tmp_path / "gpt2", dtype="float32", max_seq_len=64)
+    with pytest.raises(LmforgeError, match="does not carry model type 'gpt2'"):
+        lmforge.export(tmp_path / "gpt2", format="gguf", output_dir=tmp_path / "gpt2.gguf")
+    art, _ = made("llama")
+    with pytest.raises(LmforgeError, match="--outtype does not apply to --format hf"):
+        lmforge.export(art, format="hf", output_dir=tmp_path / "x", outtype="q8_0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g64", "gpt2", "swa"]  # nothing half-written
