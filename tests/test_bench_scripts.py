@@ -99,6 +99,8 @@ def test_peers_quality_bench_scores_the_demo_model():
     ("peers_quality.py", ["--lmforge", "int3"], "--lmforge takes any of"),
     ("peers_quality.py", ["--window", "4"], "--window must be between 16 and 1024"),
     ("decode_cpu.py", ["--dtypes", "float16"], "--dtypes takes float32, bfloat16"),
+    ("export_cpu.py", ["--rows", "f32,int3"], "unknown row 'int3'; rows: f32, bf16"),
+    ("export_cpu.py", ["--rounds", "0"], "--rounds and --threads must be 1 or more"),
 ])
 def test_cpu_bench_scripts_refuse_bad_flags(script, args, message):
     result = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,

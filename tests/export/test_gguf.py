@@ -50,8 +50,22 @@ def _llama_wide():
     return model.eval()
 
 
+def _qwen3():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=131, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                         max_position_embeddings=256, tie_word_embeddings=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model.eval()
+
+
 MODELS = {"llama": lambda: make_model("llama"), "qwen2": lambda: make_model("qwen2"), "mistral": _mistral_full_window,
-          "llama-wide": _llama_wide}
+          "llama-wide": _llama_wide, "qwen3": _qwen3}
 _made: dict[tuple, tuple[str, str]] = {}
 
 
@@ -91,7 +105,7 @@ def _their_greedy(path: str, ids: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "mistral", "qwen3"])
 def test_float32_export_runs_in_llama_cpp(made, model):
     art, gguf = made(model)
     ids = random_ids(1, 11)[0].tolist()
