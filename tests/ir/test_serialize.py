@@ -37,7 +37,7 @@ def test_roundtrip_is_identical(gpt2_ir):
 
 
 # The format as the module docstring writes it down: the only keys and value tags a graph.json may hold.
-TOP_LEVEL = {"format", "version", "kv", "weights", "nodes", "quantization", "tensor_parallel"}
+TOP_LEVEL = {"format", "version", "kv", "weights", "nodes", "quantization", "tensor_parallel", "aliases"}
 NODE_KEYS = {"name", "op", "target", "args", "kwargs", "spec", "global", "inserted"}
 NODE_OPS = {"placeholder", "get_attr", "call_function", "output"}
 VALUE_TAGS = {

@@ -76,7 +76,8 @@ def test_int4_rewrites_every_linear_form(hf_model, arch):
             assert name.endswith("down_proj") and reason == "kept: in_features 112 is not a multiple of the group size 32"
     stats = ir.history[-1]["stats"]
     assert stats["int4-layers"] == len(layers) > 0 and stats.get("kept-shape", 0) == len(kept) - 1
-    assert all(cfg == {"scheme": "int4", "group_size": 32, "symmetric": False, "method": "rtn", "version": 1}
+    assert all(cfg == {"scheme": "int4", "group_size": 32, "symmetric": False, "method": "rtn",
+                       "zero_points": "float", "version": 1}
                for cfg in layers.values())
     # the IR: one int4_linear per quantized layer and no float matmul left on their weights
     nodes = [n for n in ir.graph.nodes if n.target is int4_linear]

@@ -166,4 +166,6 @@ def test_what_the_import_refuses(tmp_path):
     (w8a8 / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LmforgeError, match="quantized activations have no lmforge scheme"):
         lmforge.optimize(w8a8, tmp_path / "d")
-    assert not any((tmp_path / n).exists() for n in "abcde")
+    with pytest.raises(LmforgeError, match="needs a quantized checkpoint's tensors"):
+        lmforge.optimize(model, tmp_path / "f", pipeline="quantize{scheme=int4,imported=true}")
+    assert not any((tmp_path / n).exists() for n in "abcdef")

@@ -28,7 +28,7 @@ def test_manifest_records_scheme_and_layout(llama_int4):
     q = json.loads((art.path / "manifest.json").read_text())["quantization"]
     assert q["scheme"] == "int4" and set(q["layouts"]) == {"int4"}
     assert q["layers"]["model.layers.0.self_attn.q_proj"] == {"scheme": "int4", "group_size": 32, "symmetric": False,
-                                                              "method": "rtn", "version": 1}
+                                                              "method": "rtn", "zero_points": "float", "version": 1}
     assert q["kept"]["model.layers.0.mlp.down_proj"].startswith("kept: in_features 112")
     assert "quantize{scheme=int4,group_size=32" in art.manifest["pipeline"]
     weights = load_file(str(art.path / "model.safetensors"))
