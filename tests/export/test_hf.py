@@ -206,7 +206,7 @@ def test_existing_output_and_bad_format_and_damage(made, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(LmforgeError, match="already exists"):
         lmforge.export(art, format="hf", output_dir=tmp_path / "taken")
-    with pytest.raises(LmforgeError, match="unknown export format 'safetensors'; known: hf"):
+    with pytest.raises(LmforgeError, match="unknown export format 'safetensors'; known: gguf, hf"):
         lmforge.export(art, format="safetensors", output_dir=tmp_path / "x")
     import shutil
 
