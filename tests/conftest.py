@@ -56,8 +56,11 @@ ARCHS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral, "gpt2": _gpt2}
 
 def make_model(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = ARCHS[arch]().eval()
-    # random init leaves logits nearly flat; sharpen them so greedy decoding is not a coin toss
+    return sharpened(ARCHS[arch]().eval())
+
+
+def sharpened(model: torch.nn.Module) -> torch.nn.Module:
+    """Random init leaves logits nearly flat; sharpen them so greedy decoding is not a coin toss."""
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

@@ -140,7 +140,8 @@ def _chunked(x: torch.Tensor, N: int, K: int, bias: torch.Tensor | None,
     return y.reshape(*x.shape[:-1], N)
 
 
-def _best(fn: Callable[[], object], repeats: int = 3) -> float:
+def best_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
+    """The fastest of `repeats` timed calls of `fn`, after one untimed warm-up call."""
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -191,5 +192,5 @@ def ranking(kernel, scheme: str, dtype: torch.dtype, rows: int = 32) -> tuple[st
                 a[0], a[1], n0, n1, out)) for a in args]
         if amx:
             ways["amx"] = lambda: [kernel.amx(x, *a) for a in args]
-    times = {name: _best(fn) for name, fn in ways.items()}
+    times = {name: best_seconds(fn) for name, fn in ways.items()}
     return tuple(sorted(times, key=times.get))

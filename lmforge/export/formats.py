@@ -36,6 +36,17 @@ class ExportSource:
     def model_type(self) -> str:
         return str(self.config.get("model_type", ""))
 
+    def packed(self, layer: str) -> dict[str, torch.Tensor]:
+        """A quantized layer's packed tensors by suffix (its bias, and a tied float weight of the same name, are
+        not among them)."""
+        return {name[len(layer) + 1:]: t for name, t in self.weights.items()
+                if name.rsplit(".", 1)[0] == layer and name.rsplit(".", 1)[1] not in ("weight", "bias")}
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name a tensor is written under: for a tied weight, the one the source checkpoint held."""
+        names = self.aliases.get(name)
+        return names[0] if names else name
+
     def tokenizer_files(self) -> list[Path]:
         from lmforge.runtime.artifact import TOKENIZER_DIR
 

@@ -173,8 +173,7 @@ def write(src: ExportSource, out: Path, step: Callable[[str], None], outtype: st
             put(hf_name, data, qtype, tuple(w.shape))
 
     for layer, described in layers.items():
-        parts = {k[len(layer) + 1:]: v for k, v in src.weights.items()
-                 if k.rsplit(".", 1)[0] == layer and k.rsplit(".", 1)[1] not in ("weight", "bias")}
+        parts = src.packed(layer)
         claimed.update(f"{layer}.{s}" for s in parts)
         scheme = handler(described["scheme"])
         config = scheme.make_config(**{k: v for k, v in described.items() if k != "scheme"})
@@ -202,8 +201,7 @@ def write(src: ExportSource, out: Path, step: Callable[[str], None], outtype: st
     for name, t in src.weights.items():
         if name in claimed or name.startswith("lmforge.") or src.kinds.get(name) == "buffer":
             continue
-        names = src.aliases.get(name) or [name]
-        target = names[0]  # a tied weight: the checkpoint's name for it (the embedding)
+        target = src.checkpoint_name(name)  # a tied weight: the checkpoint's name for it (the embedding)
         if target != name and name.removesuffix(".weight") not in layers:
             tied_only = True  # lm_head is the embedding: llama.cpp falls back to token_embd
         if t.dim() == 1:

@@ -32,12 +32,6 @@ CONV1D_MODEL_TYPES = ("gpt2",)  # their linear layers are transformers' Conv1D, 
 WEIGHTS = "model.safetensors"
 
 
-def _float_name(src: ExportSource, name: str) -> str:
-    """The name a float tensor is written under: for a tied weight, the one the source checkpoint held."""
-    names = src.aliases.get(name)
-    return names[0] if names else name
-
-
 def write(src: ExportSource, out: Path, step: Callable[[str], None]) -> dict[str, Any]:
     from safetensors.torch import save_file
 
@@ -56,8 +50,7 @@ def write(src: ExportSource, out: Path, step: Callable[[str], None]) -> dict[str
     claimed: set[str] = set()
     groups: list[tuple[dict, str, list[str]]] = []  # (scheme args, format, layers), one per distinct setting
     for layer, cfg in layers.items():
-        parts = {name[len(layer) + 1:]: t for name, t in src.weights.items()  # its packed tensors (a tied
-                 if name.rsplit(".", 1)[0] == layer and name.rsplit(".", 1)[1] not in ("weight", "bias")}  # float stays)
+        parts = src.packed(layer)
         claimed.update(f"{layer}.{s}" for s in parts)
         bias = src.weights.get(f"{layer}.bias")
         converted, args, fmt = to_compressed(layer, cfg, parts)
@@ -77,7 +70,7 @@ def write(src: ExportSource, out: Path, step: Callable[[str], None]) -> dict[str
             continue  # a quantized layer's tensors, or a table lmforge derived (rotary cos/sin)
         if src.kinds.get(name) == "buffer":
             continue  # derived buffers (inv_freq, masks) are rebuilt by the model, not loaded
-        target = _float_name(src, name)
+        target = src.checkpoint_name(name)
         tensors[target] = t
         # a tied weight whose other use was quantized on its own (the lm_head): the two are no longer one
         untie |= any(alias.removesuffix(".weight") in layers for alias in src.aliases.get(name, ()))

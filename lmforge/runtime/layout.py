@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import functools
 import os
-import time
 from dataclasses import replace
 
 import torch
 
 from lmforge.codegen import cpu_gemv
+from lmforge.codegen.cpu_route import best_seconds
 from lmforge.codegen.linear import linear
 from lmforge.errors import ArtifactError
 from lmforge.ir.graph import GraphIR
@@ -36,16 +36,6 @@ aten = torch.ops.aten
 LAYOUTS = ("source", "transposed", "gemv")
 
 
-def _time(fn, repeats: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @functools.lru_cache(maxsize=None)
 def measured_layout(dtype: torch.dtype) -> str:
     """The faster layout for decode-shaped CPU matmuls in `dtype` on this machine (10% margin to switch)."""
@@ -53,10 +43,10 @@ def measured_layout(dtype: torch.dtype) -> str:
     weights = [torch.randn(1536, 576, generator=gen).to(dtype) for _ in range(24)]  # ~85 MB in float32
     transposed = [w.t().contiguous() for w in weights]
     x = torch.randn(1, 576, generator=gen).to(dtype)
-    times = {"source": _time(lambda: [torch.nn.functional.linear(x, w) for w in weights]),
-             "transposed": _time(lambda: [x @ w for w in transposed])}
+    times = {"source": best_seconds(lambda: [torch.nn.functional.linear(x, w) for w in weights]),
+             "transposed": best_seconds(lambda: [x @ w for w in transposed])}
     if dtype in cpu_gemv.GEMV_DTYPES and cpu_gemv.available():
-        times["gemv"] = _time(lambda: [linear(x, w) for w in weights])
+        times["gemv"] = best_seconds(lambda: [linear(x, w) for w in weights])
     best = min(times, key=times.get)
     return best if times[best] < 0.9 * times["source"] else "source"
 

@@ -13,7 +13,7 @@ import torch
 
 import lmforge
 from lmforge.errors import LmforgeError
-from tests.conftest import make_model, random_ids
+from tests.conftest import make_model, random_ids, sharpened
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
@@ -43,11 +43,7 @@ def _llama_wide():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=131, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return model.eval()
+    return sharpened(model.eval())
 
 
 def _qwen3():
@@ -57,11 +53,7 @@ def _qwen3():
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=131, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                          max_position_embeddings=256, tie_word_embeddings=True))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return model.eval()
+    return sharpened(model.eval())
 
 
 MODELS = {"llama": lambda: make_model("llama"), "qwen2": lambda: make_model("qwen2"), "mistral": _mistral_full_window,

@@ -14,7 +14,7 @@ import lmforge
 from lmforge.errors import LmforgeError
 from lmforge.quant import handler
 from lmforge.quant.compressed_tensors import pack_int32, unpack_int32
-from tests.conftest import random_ids
+from tests.conftest import random_ids, sharpened
 
 ct = pytest.importorskip("compressed_tensors")
 
@@ -46,11 +46,7 @@ def _tiny_llama():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=131, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False))
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
-    return model.eval()
+    return sharpened(model.eval())
 
 
 def _ct_checkpoint(model, preset: str, out: Path, dtype=torch.float32, group_size: int | None = None,
