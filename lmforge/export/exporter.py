@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import lmforge.export.gguf  # noqa: F401  (each writer registers its format)
 import lmforge.export.hf  # noqa: F401
+import lmforge.export.onnx  # noqa: F401
 from lmforge.errors import LmforgeError
 from lmforge.export.formats import FORMATS, ExportSource, Format
 
@@ -56,7 +57,7 @@ def read_source(path: str | Path, verify: bool = True) -> ExportSource:
 
     weights = weights_to_save(ir)
     kinds = {ir.weight_names.get(attr, attr): ir.weight_kind(attr) for attr in ir.weights()}
-    return ExportSource(art, dict(ir.config), weights, kinds, dict(ir.quantization), dict(ir.aliases))
+    return ExportSource(art, dict(ir.config), weights, kinds, dict(ir.quantization), dict(ir.aliases), ir)
 
 
 def export(artifact: str | Path, format: str, output: str | Path, *, verify: bool = True,

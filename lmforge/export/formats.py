@@ -14,6 +14,7 @@ import torch
 from lmforge.errors import ArtifactError
 
 if TYPE_CHECKING:
+    from lmforge.ir.graph import GraphIR
     from lmforge.runtime.artifact import Artifact
 
 
@@ -27,6 +28,7 @@ class ExportSource:
     kinds: dict[str, str]  # source name -> "parameter" or "buffer" (derived tables: rotary inv_freq, ...)
     quantization: dict[str, Any]  # the graph's record: {"scheme", "layers": {layer: config}, "kept": {...}}
     aliases: dict[str, list[str]] = field(default_factory=dict)  # tied weights: source name -> all its names
+    graph: "GraphIR | None" = None  # the artifact's graph, whole (a writer that exports the graph may rewrite it)
 
     @property
     def dtype(self) -> str:
