@@ -7,6 +7,8 @@ lmforge's graph takes caches that already have room for the new tokens and write
 - each `k_cache_i`/`v_cache_i` input becomes the past (B, Hkv, past, D), each attention `lmforge_export.gqa`
   with its present keys/values as graph outputs, after the logits: (logits, present.0.key, present.0.value, ...);
 - the inputs in genai's order: input_ids, attention_mask, position_ids, then the pasts;
+- each rotary on rows of a rotate-half cos/sin table gathered by position becomes `lmforge_export.
+  rotary_embedding` (RotaryEmbedding over half-width tables, the positions from `position_ids`);
 - every floating weight, cast and op dtype becomes float32 (a bfloat16 or float16 artifact's weights widen
   exactly): ONNX Runtime's CPU kernels for these ops are float32 ones;
 - int4 and int8 linears become `lmforge_export.matmul_nbits` over MatMulNBits' blocked layout (int4: block =
@@ -50,12 +52,15 @@ def prepare(ir: GraphIR) -> int:
             "--format onnx needs a whole language model graph (input_ids, position_ids, attention_mask, caches)")
     _order_inputs(g, [inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], *caches])
     presents: dict[fx.Node, tuple[fx.Node, fx.Node]] = {}
+    tables: dict[str, fx.Node] = {}  # position table -> its half-width cache, shared by the layers
     for node in list(g.nodes):
         if node.op != "call_function":
             continue
         if node.target is lmforge.attention.default:
             cache = node.args[3]
             presents[cache] = _to_gqa(g, node)
+        elif node.target is lmforge.rotary.default:
+            _to_rotary_embedding(ir, node, inputs["position_ids"], tables)
         elif node.target is lmforge.int4_linear.default:
             _to_nbits(ir, node, *_int4_blocks(ir, node))
         elif node.target is lmforge.int8_linear.default:
@@ -118,6 +123,46 @@ def _to_gqa(g: fx.Graph, node: fx.Node) -> tuple[fx.Node, fx.Node]:
     node.replace_all_uses_with(out)
     g.erase_node(node)
     return present
+
+
+def _position_table(arg, position_ids: fx.Node) -> str | None:
+    """The weight whose rows `arg` gathers by position (through unsqueezes and dtype casts), or None."""
+    node = arg
+    while isinstance(node, fx.Node) and (node.target is aten.unsqueeze.default
+                                         or node.target is aten._to_copy.default and set(node.kwargs) <= {"dtype"}):
+        node = node.args[0]
+    if not (isinstance(node, fx.Node) and node.target is aten.index.Tensor and node.args[1] == [position_ids]):
+        return None
+    table = node.args[0]
+    return table.target if isinstance(table, fx.Node) and table.op == "get_attr" else None
+
+
+def _dims(arg) -> tuple:
+    spec = arg.meta.get("spec") if isinstance(arg, fx.Node) else None
+    return tuple(spec.shape) if spec is not None else ()
+
+
+def _to_rotary_embedding(ir: GraphIR, node: fx.Node, position_ids: fx.Node, tables: dict[str, fx.Node]) -> None:
+    """rotary(x (B, H, S, D), cos[pos], sin[pos] (B, 1, S, D)) over rotate-half tables (the two halves of each
+    row equal) -> RotaryEmbedding on half-width caches; anything else keeps the rotate-half formula."""
+    x, cos, sin = node.args
+    names = [_position_table(arg, position_ids) for arg in (cos, sin)]
+    x_dims, cos_dims = _dims(x), _dims(cos)
+    if None in names or len(x_dims) != 4 or len(cos_dims) != 4 or cos_dims[1] != 1 or _dims(sin) != cos_dims:
+        return
+    halves = []
+    for name in names:
+        table = ir.weight(name).float()
+        half = table.shape[1] // 2
+        if table.shape[1] != x_dims[3] or not torch.equal(table[:, :half], table[:, half:]):
+            return
+        if name not in tables:  # one cache per table, made before its first use
+            tables[name] = _weight_node(ir, node, f"{name}_half", table[:, :half].contiguous())
+        halves.append(tables[name])
+    with ir.graph.inserting_before(node):
+        new = ir.graph.call_function(onnx_ops.rotary_embedding, (x, position_ids, *halves))
+    node.replace_all_uses_with(new)
+    ir.graph.erase_node(node)
 
 
 def _past_uses(g: fx.Graph, cache: fx.Node, mask: fx.Node) -> None:

@@ -3,7 +3,9 @@ custom translation table, and the two export-only ops that `onnx_graph.py` puts 
 
     lmforge.rms_norm        -> SimplifiedLayerNormalization (stash_type float32)
     lmforge.add_rms_norm    -> com.microsoft.SkipSimplifiedLayerNormalization (output 0 and input_skip_bias_sum)
-    lmforge.rotary          -> the rotate-half formula (Slice, Neg, Concat, Mul, Add) on the gathered cos/sin rows
+    lmforge.rotary          -> the rotate-half formula (Slice, Neg, Concat, Mul, Add), where its cos/sin are not
+                               rows of a position table (`onnx_graph.py` makes those `rotary_embedding`)
+    lmforge_export.rotary_embedding -> com.microsoft.RotaryEmbedding (cos/sin caches of half the head dim)
     lmforge.glu             -> act(gate) * up (Sigmoid for silu, Erf or Tanh for the GELUs)
     lmforge_export.gqa      -> com.microsoft.GroupQueryAttention, past/present BNSH, seqlens_k and
                                total_sequence_length from attention_mask as onnxruntime-genai's builder does
@@ -31,6 +33,7 @@ _INT32 = 6  # onnx.TensorProto.INT32
 _lib = torch.library.Library("lmforge_export", "DEF")
 _lib.define("gqa(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Tensor attention_mask, float scale, "
             "bool causal=True, int window=0) -> (Tensor, Tensor, Tensor)")
+_lib.define("rotary_embedding(Tensor x, Tensor position_ids, Tensor cos_cache, Tensor sin_cache) -> Tensor")
 _lib.define("matmul_nbits(Tensor x, Tensor b, Tensor scales, Tensor? zero_points, int k, int n, int bits, "
             "int block_size, Tensor? bias=None) -> Tensor")
 
@@ -40,6 +43,14 @@ def gqa_reference(q, k, v, past_k, past_v, attention_mask, scale: float, causal:
     present_k, present_v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
     out = attention_op.reference(q, present_k, present_v, attention_mask, scale, causal, window)
     return out, present_k, present_v
+
+
+def rotary_embedding_reference(x, position_ids, cos_cache, sin_cache):
+    """x (B, H, S, D) rotated by the rows `position_ids` (B, S) of cos/sin caches (positions, D / 2)."""
+    cos = torch.cat([cos_cache[position_ids]] * 2, -1)[:, None]
+    sin = torch.cat([sin_cache[position_ids]] * 2, -1)[:, None]
+    half = x.shape[-1] // 2
+    return (x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin).to(x.dtype)
 
 
 def dequantize_blocks(b, scales, zero_points, k: int, bits: int, block_size: int) -> torch.Tensor:
@@ -66,12 +77,18 @@ def matmul_nbits_reference(x, b, scales, zero_points, k: int, n: int, bits: int,
 
 
 _lib.impl("gqa", gqa_reference, "CompositeExplicitAutograd")
+_lib.impl("rotary_embedding", rotary_embedding_reference, "CompositeExplicitAutograd")
 _lib.impl("matmul_nbits", matmul_nbits_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("lmforge_export::gqa")
 def _gqa_fake(q, k, v, past_k, past_v, attention_mask, scale, causal=True, window=0):
     return (attention_op.new_output(q, v.shape[-1]), torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
+
+
+@torch.library.register_fake("lmforge_export::rotary_embedding")
+def _rotary_embedding_fake(x, position_ids, cos_cache, sin_cache):
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("lmforge_export::matmul_nbits")
@@ -81,6 +98,7 @@ def _matmul_nbits_fake(x, b, scales, zero_points, k, n, bits, block_size, bias=N
 
 gqa = torch.ops.lmforge_export.gqa.default
 matmul_nbits = torch.ops.lmforge_export.matmul_nbits.default
+rotary_embedding = torch.ops.lmforge_export.rotary_embedding.default
 
 
 # --- translations (onnxscript, traced: the arguments are the graph's values, the attributes Python values) ---
@@ -102,6 +120,10 @@ def _rotary(x, cos, sin):
     first = op.Slice(x, op.Constant(value_ints=[0]), op.Constant(value_ints=[half]), axis)
     second = op.Slice(x, op.Constant(value_ints=[half]), op.Constant(value_ints=[dim]), axis)
     return op.Add(op.Mul(x, cos), op.Mul(op.Concat(op.Neg(second), first, axis=-1), sin))
+
+
+def _rotary_embedding(x, position_ids, cos_cache, sin_cache):
+    return _ms.RotaryEmbedding(x, position_ids, cos_cache, sin_cache, interleaved=0)
 
 
 def _glu(gate, up, act: str):
@@ -148,5 +170,6 @@ TRANSLATIONS = {
     torch.ops.lmforge.rotary.default: _rotary,
     torch.ops.lmforge.glu.default: _glu,
     gqa: _gqa,
+    rotary_embedding: _rotary_embedding,
     matmul_nbits: _matmul_nbits,
 }

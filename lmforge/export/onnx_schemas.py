@@ -5,7 +5,7 @@ ONNX Runtime defines these ops in its own C++ (`contrib_defs.cc`); the `onnx` pa
 `register()` declares, once per process, the inputs, outputs and attributes `--format onnx` uses of each (the
 subset the exporter writes, as ONNX Runtime's ContribOperators.md documents them):
 
-    com.microsoft  GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization
+    com.microsoft  GroupQueryAttention, MatMulNBits, RotaryEmbedding, SkipSimplifiedLayerNormalization
     ai.onnx        SimplifiedLayerNormalization (ONNX Runtime registers it in the default domain, since 1)
 
 A schema already known to `onnx` (a later `onnx` that ships one, or a second call) is left as it is.
@@ -52,6 +52,13 @@ def _schemas() -> list[defs.OpSchema]:
                               ("T3", ["tensor(uint8)"] + _FLOATS, ""), ("T4", ["tensor(int32)"], "")],
             attributes=[_attr("K", _A.INT, True), _attr("N", _A.INT, True), _attr("bits", _A.INT),
                         _attr("block_size", _A.INT, True), _attr("accuracy_level", _A.INT)]),
+        defs.OpSchema(
+            "RotaryEmbedding", MS_DOMAIN, 1,
+            inputs=[_in("input", "T"), _in("position_ids", "M"), _in("cos_cache", "T"), _in("sin_cache", "T")],
+            outputs=[_in("output", "T")],
+            type_constraints=[("T", _FLOATS, ""), ("M", ["tensor(int64)"], "")],
+            attributes=[_attr("interleaved", _A.INT), _attr("is_packed_batching", _A.INT), _attr("num_heads", _A.INT),
+                        _attr("rotary_embedding_dim", _A.INT), _attr("scale", _A.FLOAT)]),
         defs.OpSchema(
             "SkipSimplifiedLayerNormalization", MS_DOMAIN, 1,
             inputs=[_in("input", "T"), _in("skip", "T"), _in("gamma", "T"), _in("bias", "T", True)],
