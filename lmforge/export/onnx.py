@@ -138,7 +138,7 @@ def genai_config(src: ExportSource, ir, layers: int) -> dict[str, Any]:
 
 register_format(Format(
     name="onnx",
-    summary="an ONNX model with ONNX Runtime's fused LLM ops (GroupQueryAttention, MatMulNBits, "
+    summary="an ONNX model with ONNX Runtime's fused LLM ops (GroupQueryAttention, RotaryEmbedding, MatMulNBits, "
             "SimplifiedLayerNormalization), its weights as external data, and genai_config.json",
     consumer="ONNX Runtime and onnxruntime-genai (CPU)",
     architectures=(),  # lmforge's graph as it is: whatever lmforge captures and fuses

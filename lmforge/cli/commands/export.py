@@ -32,6 +32,7 @@ def export(artifact, fmt, output, outtype, no_verify):
       lmforge optimize -o demo-int4 --quant int4 --symmetric && lmforge export demo-int4 --format hf -o demo-int4-hf
       lmforge optimize -o demo-q4 --quant int4 --group-size 32 --symmetric && lmforge export demo-q4 --format gguf -o demo-q4.gguf
       lmforge export lmforge-demo --format gguf -o demo-q8.gguf --outtype q8_0
+      lmforge export demo-int4 --format onnx -o demo-int4-onnx   # then: onnxruntime_genai.Model("demo-int4-onnx")
     """
     import time
 
