@@ -6,6 +6,8 @@ lmforge's graph takes caches that already have room for the new tokens and write
 
 - each `k_cache_i`/`v_cache_i` input becomes the past (B, Hkv, past, D), each attention `lmforge_export.gqa`
   with its present keys/values as graph outputs, after the logits: (logits, present.0.key, present.0.value, ...);
+  it reads and writes (B, S, heads * D) rows, so the views and transposes around attention (and its rotaries)
+  fall away;
 - the inputs in genai's order: input_ids, attention_mask, position_ids, then the pasts;
 - each rotary on rows of a rotate-half cos/sin table gathered by position becomes `lmforge_export.
   rotary_embedding` (RotaryEmbedding over half-width tables, the positions from `position_ids`);
@@ -112,17 +114,57 @@ def _order_inputs(g: fx.Graph, order: list[fx.Node]) -> None:
 
 
 def _to_gqa(g: fx.Graph, node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """attention(q, k, v (B, H, S, D), caches, ...) -> gqa on the (B, S, H * D) rows they were made from."""
     q, k, v, k_cache, v_cache, mask, scale, *rest = node.args
     causal = rest[0] if rest else node.kwargs.get("causal", True)
     window = rest[1] if len(rest) > 1 else node.kwargs.get("window", 0)
     require(causal, "--format onnx carries causal attention only (GroupQueryAttention)")
+    heads, v_dim = _dims(q)[1], _dims(v)[3]
     with g.inserting_before(node):
-        fused = g.call_function(onnx_ops.gqa, (q, k, v, k_cache, v_cache, mask, scale, causal, window))
+        rows = [_token_major(g, arg) for arg in (q, k, v)]
+        fused = g.call_function(onnx_ops.gqa, (*rows, k_cache, v_cache, mask, scale, window))
         out = g.call_function(operator.getitem, (fused, 0))
         present = (g.call_function(operator.getitem, (fused, 1)), g.call_function(operator.getitem, (fused, 2)))
-    node.replace_all_uses_with(out)
+    for user in list(node.users):  # the usual transpose(1, 2) then view (B, S, H * Dv): that is `out` already
+        if user.target is aten.transpose.int and user.args[1:] == (1, 2) and _flattened(user):
+            for u in list(user.users):  # a view (or a copy, whose views then view `out`)
+                u.replace_all_uses_with(out)
+                g.erase_node(u)
+            g.erase_node(user)
+    if node.users:
+        with g.inserting_after(out):
+            split = g.call_function(aten.unflatten.int, (out, 2, [heads, v_dim]))
+        with g.inserting_after(split):
+            heads_major = g.call_function(aten.transpose.int, (split, 1, 2))
+        node.replace_all_uses_with(heads_major)
     g.erase_node(node)
     return present
+
+
+def _flattened(node: fx.Node) -> bool:
+    """Is every use of `node` (B, S, H, D) a view or reshape to (B, S, H * D), or a contiguous copy that is?"""
+    def rows(u: fx.Node) -> bool:
+        if u.target is aten.clone.default:
+            return _flattened(u)
+        return u.target in (aten.view.default, aten.reshape.default) and len(u.args[1]) == 3 and (
+            u.args[1][2] in (-1, _dims(node)[2] * _dims(node)[3]))
+    return bool(node.users) and all(rows(u) for u in node.users)
+
+
+def _token_major(g: fx.Graph, arg: fx.Node) -> fx.Node:
+    """(B, S, H * D) rows of a (B, H, S, D) value: the projection it was viewed from, where it is
+    transpose(view(rows, (B, S, H, D)), 1, 2), possibly under a rotary (which takes either layout); else the
+    value transposed and flattened."""
+    rotary = arg.target is onnx_ops.rotary_embedding
+    inner = arg.args[0] if rotary else arg
+    if (inner.target is aten.transpose.int and inner.args[1:] == (1, 2)
+            and inner.args[0].target in (aten.view.default, aten.reshape.default)
+            and len(_dims(inner.args[0].args[0])) == 3):
+        rows = inner.args[0].args[0]
+        if not rotary:
+            return rows
+        return g.call_function(onnx_ops.rotary_embedding, (rows, *arg.args[1:]))
+    return g.call_function(aten.flatten.using_ints, (g.call_function(aten.transpose.int, (arg, 1, 2)), 2))
 
 
 def _position_table(arg, position_ids: fx.Node) -> str | None:
@@ -161,6 +203,7 @@ def _to_rotary_embedding(ir: GraphIR, node: fx.Node, position_ids: fx.Node, tabl
         halves.append(tables[name])
     with ir.graph.inserting_before(node):
         new = ir.graph.call_function(onnx_ops.rotary_embedding, (x, position_ids, *halves))
+    new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     ir.graph.erase_node(node)
 
@@ -231,6 +274,7 @@ def _to_nbits(ir: GraphIR, node: fx.Node, x, b, scales, zp, k, n, bits, block, b
     args.append(None if zp is None else _weight_node(ir, node, f"{base}_nbits_zp", zp.contiguous()))
     with ir.graph.inserting_before(node):
         new = ir.graph.call_function(onnx_ops.matmul_nbits, (*args, k, n, bits, block, bias))
+    new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     ir.graph.erase_node(node)
 

@@ -13,7 +13,8 @@ custom translation table, and the two export-only ops that `onnx_graph.py` puts 
 
 The export-only ops exist because their ONNX form has another calling convention than the lmforge op they
 stand for: `gqa` takes the past cache and returns the present one (lmforge's `attention` writes a cache in
-place), `matmul_nbits` takes MatMulNBits' blocked weight layout. Their eager implementations are the same
+place) and takes and gives tokens-major (B, S, heads * D) rows, as the projections around it do;
+`rotary_embedding` takes either layout; `matmul_nbits` takes MatMulNBits' blocked weight layout. Their eager implementations are the same
 arithmetic in PyTorch, so the rewritten graph can be run and compared before it is exported.
 """
 
@@ -32,25 +33,37 @@ _INT32 = 6  # onnx.TensorProto.INT32
 
 _lib = torch.library.Library("lmforge_export", "DEF")
 _lib.define("gqa(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Tensor attention_mask, float scale, "
-            "bool causal=True, int window=0) -> (Tensor, Tensor, Tensor)")
+            "int window=0) -> (Tensor, Tensor, Tensor)")
 _lib.define("rotary_embedding(Tensor x, Tensor position_ids, Tensor cos_cache, Tensor sin_cache) -> Tensor")
 _lib.define("matmul_nbits(Tensor x, Tensor b, Tensor scales, Tensor? zero_points, int k, int n, int bits, "
             "int block_size, Tensor? bias=None) -> Tensor")
 
 
-def gqa_reference(q, k, v, past_k, past_v, attention_mask, scale: float, causal: bool = True, window: int = 0):
-    """q (B, Hq, S, D); k, v (B, Hkv, S, D); past (B, Hkv, P, D); mask (B, P + S) -> (out, present_k, present_v)."""
-    present_k, present_v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
-    out = attention_op.reference(q, present_k, present_v, attention_mask, scale, causal, window)
-    return out, present_k, present_v
+def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, S, H * D) -> (B, H, S, D)."""
+    return x.unflatten(-1, (-1, head_dim)).transpose(1, 2)
+
+
+def gqa_reference(q, k, v, past_k, past_v, attention_mask, scale: float, window: int = 0):
+    """Causal attention in GroupQueryAttention's layout: q (B, S, Hq * D), k (B, S, Hkv * D), v (B, S, Hkv * Dv),
+    past (B, Hkv, P, D|Dv), mask (B, P + S) -> out (B, S, Hq * Dv), present_k, present_v (B, Hkv, P + S, D|Dv)."""
+    present_k = torch.cat([past_k, _heads(k, past_k.shape[-1])], 2)
+    present_v = torch.cat([past_v, _heads(v, past_v.shape[-1])], 2)
+    out = attention_op.reference(_heads(q, past_k.shape[-1]), present_k, present_v, attention_mask, scale, True, window)
+    return out.transpose(1, 2).flatten(2), present_k, present_v
 
 
 def rotary_embedding_reference(x, position_ids, cos_cache, sin_cache):
-    """x (B, H, S, D) rotated by the rows `position_ids` (B, S) of cos/sin caches (positions, D / 2)."""
-    cos = torch.cat([cos_cache[position_ids]] * 2, -1)[:, None]
-    sin = torch.cat([sin_cache[position_ids]] * 2, -1)[:, None]
+    """x (B, H, S, D), or (B, S, H * D), rotated by the rows `position_ids` (B, S) of cos/sin caches
+    (positions, D / 2)."""
+    cos = torch.cat([cos_cache[position_ids]] * 2, -1)
+    sin = torch.cat([sin_cache[position_ids]] * 2, -1)
+    if x.dim() == 3:
+        return rotary_embedding_reference(_heads(x, cos.shape[-1]), position_ids, cos_cache, sin_cache).transpose(
+            1, 2).flatten(2)
     half = x.shape[-1] // 2
-    return (x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin).to(x.dtype)
+    rotated = x * cos[:, None] + torch.cat([-x[..., half:], x[..., :half]], -1) * sin[:, None]
+    return rotated.to(x.dtype)
 
 
 def dequantize_blocks(b, scales, zero_points, k: int, bits: int, block_size: int) -> torch.Tensor:
@@ -82,8 +95,10 @@ _lib.impl("matmul_nbits", matmul_nbits_reference, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("lmforge_export::gqa")
-def _gqa_fake(q, k, v, past_k, past_v, attention_mask, scale, causal=True, window=0):
-    return (attention_op.new_output(q, v.shape[-1]), torch.cat([past_k, k], 2), torch.cat([past_v, v], 2))
+def _gqa_fake(q, k, v, past_k, past_v, attention_mask, scale, window=0):
+    heads = q.shape[-1] // past_k.shape[-1]
+    return (q.new_empty((*q.shape[:2], heads * past_v.shape[-1])), torch.cat([past_k, _heads(k, past_k.shape[-1])], 2),
+            torch.cat([past_v, _heads(v, past_v.shape[-1])], 2))
 
 
 @torch.library.register_fake("lmforge_export::rotary_embedding")
@@ -141,22 +156,15 @@ def _glu(gate, up, act: str):
     return op.Mul(a, up)
 
 
-def _bsh(x):
-    """(B, H, S, D) -> (B, S, H * D), GroupQueryAttention's layout."""
-    return op.Reshape(op.Transpose(x, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
-
-
-def _gqa(q, k, v, past_k, past_v, attention_mask, scale: float, causal: bool = True, window: int = 0):
-    heads, kv_heads, v_dim = q.shape[1], k.shape[1], v.shape[3]
+def _gqa(q, k, v, past_k, past_v, attention_mask, scale: float, window: int = 0):
+    head_dim, kv_heads = past_k.shape[3], past_k.shape[1]
     # onnxruntime-genai's convention: seqlens_k = (tokens the mask keeps) - 1, total = the mask's length
     seqlens_k = op.Cast(op.Sub(op.ReduceSum(attention_mask, op.Constant(value_ints=[1]), keepdims=0),
                                op.Constant(value_int=1)), to=_INT32)
     total = op.Cast(op.Squeeze(op.Shape(attention_mask, start=1, end=2)), to=_INT32)
-    out, present_k, present_v = _ms.GroupQueryAttention(
-        _bsh(q), _bsh(k), _bsh(v), past_k, past_v, seqlens_k, total, num_heads=heads, kv_num_heads=kv_heads,
+    return _ms.GroupQueryAttention(
+        q, k, v, past_k, past_v, seqlens_k, total, num_heads=q.shape[2] // head_dim, kv_num_heads=kv_heads,
         scale=scale, local_window_size=window if window > 0 else -1, _outputs=3)
-    out = op.Transpose(op.Reshape(out, op.Constant(value_ints=[0, 0, heads, v_dim])), perm=[0, 2, 1, 3])
-    return out, present_k, present_v
 
 
 def _matmul_nbits(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int, bias=None):
