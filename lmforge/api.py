@@ -307,7 +307,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", verify: bool = Tr
 def export(artifact: str | Path, format: str, output_dir: str | Path, *, verify: bool = True,
            progress: Callable[[str], None] | None = None, **options: str) -> dict[str, Any]:
     """Write the artifact at `artifact` in `format` ("hf": a Hugging Face directory with compressed-tensors
-    quantization; "gguf": one file for llama.cpp, `outtype="auto"|"f32"|"f16"|"bf16"|"q8_0"|"q4_0"`) to
+    quantization; "gguf": one file for llama.cpp, `outtype="auto"|"f32"|"f16"|"bf16"|"q8_0"|"q4_0"`; "onnx": a
+    directory for ONNX Runtime GenAI, `activations="int8"|"float"` for its quantized matmuls) to
     `output_dir`, a path that must not exist yet; returns a summary (path, bytes, ...).
 
     Quantized weights are carried as the artifact holds them, never re-quantized; what a format cannot hold is

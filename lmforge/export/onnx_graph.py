@@ -44,8 +44,9 @@ def output_names(layers: int) -> list[str]:
     return ["logits"] + [f"present.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
 
 
-def prepare(ir: GraphIR) -> int:
-    """Rewrite `ir` for export (see the module docstring); returns its number of attention layers."""
+def prepare(ir: GraphIR, accuracy_level: int = 0) -> int:
+    """Rewrite `ir` for export (see the module docstring), its MatMulNBits at `accuracy_level` (0: float
+    activations, 4: int8 ones); returns its number of attention layers."""
     g = ir.graph
     inputs = {n.name: n for n in g.nodes if n.op == "placeholder"}
     layers = len(ir.kv.layers)
@@ -64,9 +65,9 @@ def prepare(ir: GraphIR) -> int:
         elif node.target is lmforge.rotary.default:
             _to_rotary_embedding(ir, node, inputs["position_ids"], tables)
         elif node.target is lmforge.int4_linear.default:
-            _to_nbits(ir, node, *_int4_blocks(ir, node))
+            _to_nbits(ir, node, accuracy_level, *_int4_blocks(ir, node))
         elif node.target is lmforge.int8_linear.default:
-            _to_nbits(ir, node, *_int8_blocks(ir, node))
+            _to_nbits(ir, node, accuracy_level, *_int8_blocks(ir, node))
         elif node.target is lmforge.fp8_linear.default:
             require(False, "--format onnx does not carry fp8 layers (ONNX Runtime's CPU has no fp8 matmul); "
                            "optimize with --quant int4 or int8, or export fp8 with --format hf")
@@ -267,13 +268,13 @@ def _int8_blocks(ir: GraphIR, node: fx.Node):
             rest[0] if rest else node.kwargs.get("bias"))
 
 
-def _to_nbits(ir: GraphIR, node: fx.Node, x, b, scales, zp, k, n, bits, block, bias) -> None:
+def _to_nbits(ir: GraphIR, node: fx.Node, accuracy_level: int, x, b, scales, zp, k, n, bits, block, bias) -> None:
     base = node.args[1].target
     args = [x, _weight_node(ir, node, f"{base}_nbits", b.contiguous()),
             _weight_node(ir, node, f"{base}_nbits_scales", scales.contiguous())]
     args.append(None if zp is None else _weight_node(ir, node, f"{base}_nbits_zp", zp.contiguous()))
     with ir.graph.inserting_before(node):
-        new = ir.graph.call_function(onnx_ops.matmul_nbits, (*args, k, n, bits, block, bias))
+        new = ir.graph.call_function(onnx_ops.matmul_nbits, (*args, k, n, bits, block, accuracy_level, bias))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     ir.graph.erase_node(node)

@@ -36,7 +36,7 @@ _lib.define("gqa(Tensor q, Tensor k, Tensor v, Tensor past_k, Tensor past_v, Ten
             "int window=0) -> (Tensor, Tensor, Tensor)")
 _lib.define("rotary_embedding(Tensor x, Tensor position_ids, Tensor cos_cache, Tensor sin_cache) -> Tensor")
 _lib.define("matmul_nbits(Tensor x, Tensor b, Tensor scales, Tensor? zero_points, int k, int n, int bits, "
-            "int block_size, Tensor? bias=None) -> Tensor")
+            "int block_size, int accuracy_level=0, Tensor? bias=None) -> Tensor")
 
 
 def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -83,7 +83,9 @@ def dequantize_blocks(b, scales, zero_points, k: int, bits: int, block_size: int
     return w.reshape(n, -1)[:, :k]
 
 
-def matmul_nbits_reference(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int, bias=None):
+def matmul_nbits_reference(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int,
+                           accuracy_level: int = 0, bias=None):
+    """(accuracy_level 4's int8 activations are ONNX Runtime's; this reference keeps them float)"""
     w = dequantize_blocks(b, scales, zero_points, k, bits, block_size)
     y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
     return y.to(x.dtype)
@@ -107,7 +109,7 @@ def _rotary_embedding_fake(x, position_ids, cos_cache, sin_cache):
 
 
 @torch.library.register_fake("lmforge_export::matmul_nbits")
-def _matmul_nbits_fake(x, b, scales, zero_points, k, n, bits, block_size, bias=None):
+def _matmul_nbits_fake(x, b, scales, zero_points, k, n, bits, block_size, accuracy_level=0, bias=None):
     return x.new_empty((*x.shape[:-1], n))
 
 
@@ -167,9 +169,10 @@ def _gqa(q, k, v, past_k, past_v, attention_mask, scale: float, window: int = 0)
         scale=scale, local_window_size=window if window > 0 else -1, _outputs=3)
 
 
-def _matmul_nbits(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int, bias=None):
+def _matmul_nbits(x, b, scales, zero_points, k: int, n: int, bits: int, block_size: int, accuracy_level: int = 0,
+                  bias=None):
     return _ms.MatMulNBits(x, b, scales, zero_points, None, bias, K=k, N=n, bits=bits, block_size=block_size,
-                           accuracy_level=0)
+                           accuracy_level=accuracy_level)
 
 
 TRANSLATIONS = {

@@ -26,6 +26,9 @@ pytest.importorskip("onnxscript")
 # bfloat16 after every op in lmforge: measured 0.05 on the demo model's logits of magnitude 10.
 F32_ATOL = 1e-4
 BF16_ATOL = 0.15
+# with --activations int8 (the default), MatMulNBits rounds each block of activations to int8: measured 0.013 to
+# 0.020 on the tiny Llama's logits of magnitude ~2 (int4 and int8 weights), 0.12 on the demo model's of 10
+INT8_ACTIVATIONS_ATOL = 0.08
 
 
 def _phi3():
@@ -47,25 +50,29 @@ def _llama_wide():
         num_key_value_heads=2, tie_word_embeddings=False)).eval())
 
 
+_arts: dict[tuple, str] = {}
 _made: dict[tuple, tuple[str, str]] = {}
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory, artifacts):
-    """(model, dtype, quant settings) -> (artifact, onnx dir); conftest's architectures reuse its artifacts."""
+    """(model, dtype, activations, quant settings) -> (artifact, onnx dir); an artifact is optimized once for
+    all its exports, and conftest's architectures reuse its artifacts."""
 
-    def get(model: str, dtype: str = "float32", **quant):
-        key = (model, dtype, tuple(sorted(quant.items())))
-        if key not in _made:
-            base = tmp_path_factory.mktemp(f"onnx-{model}")
+    def get(model: str, dtype: str = "float32", activations: str = "int8", **quant):
+        art_key = (model, dtype, tuple(sorted(quant.items())))
+        if art_key not in _arts:
             if model in ("llama", "qwen2", "mistral", "gpt2") and not quant:
-                art = artifacts(model, dtype)
+                _arts[art_key] = artifacts(model, dtype)
             else:
-                art = str(base / "art")
+                _arts[art_key] = str(tmp_path_factory.mktemp(f"onnx-{model}") / "art")
                 source = {"phi3": _phi3, "llama-wide": _llama_wide}[model]()
-                lmforge.optimize(source, art, dtype=dtype, max_seq_len=64, **quant)
-            lmforge.export(art, format="onnx", output_dir=base / "onnx")
-            _made[key] = (art, str(base / "onnx"))
+                lmforge.optimize(source, _arts[art_key], dtype=dtype, max_seq_len=64, **quant)
+        key = (*art_key, activations)
+        if key not in _made:
+            out = tmp_path_factory.mktemp(f"onnx-{model}-{activations}") / "onnx"
+            lmforge.export(_arts[art_key], format="onnx", output_dir=out, activations=activations)
+            _made[key] = (_arts[art_key], str(out))
         return _made[key]
 
     return get
@@ -170,21 +177,24 @@ def test_batch_of_two(made):
     torch.testing.assert_close(_ort_logits(onnx_dir, ids, 5), ours, atol=F32_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("quant", [
-    {"quant": "int4", "group_size": 32, "symmetric": True},
-    {"quant": "int4", "group_size": 64},  # fractional zero points: MatMulNBits' float zero points
-    {"quant": "int4", "group_size": 64, "zero_points": "int"},  # integers: packed uint8 zero points
-    {"quant": "int8"},
-], ids=["int4-sym-g32", "int4-asym-g64", "int4-int-zp", "int8"])
-def test_quantized_layers_become_matmul_nbits(made, quant):
+QUANTS = {"int4-sym-g32": {"quant": "int4", "group_size": 32, "symmetric": True},
+          "int4-asym-g64": {"quant": "int4", "group_size": 64},  # fractional zero points: MatMulNBits' float ones
+          "int4-int-zp": {"quant": "int4", "group_size": 64, "zero_points": "int"},  # packed uint8 zero points
+          "int8": {"quant": "int8"}}
+
+
+@pytest.mark.parametrize("name", list(QUANTS))
+def test_quantized_layers_become_matmul_nbits(made, name):
+    """With float activations, ONNX Runtime's numbers are lmforge's: the same dequantized weights."""
     import onnx
 
-    art, onnx_dir = made("llama-wide", **quant)
+    quant = QUANTS[name]
+    art, onnx_dir = made("llama-wide", activations="float", **quant)
     model = onnx.load(str(Path(onnx_dir) / "model.onnx"), load_external_data=False)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 14  # every linear of both layers, and the lm_head
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
-    assert attrs["bits"] == (8 if quant["quant"] == "int8" else 4)
+    assert attrs["bits"] == (8 if quant["quant"] == "int8" else 4) and attrs["accuracy_level"] == 0
     if quant["quant"] == "int4":
         assert attrs["block_size"] == quant["group_size"]
         has_zero_points = len(nbits[0].input) > 3 and nbits[0].input[3] != ""
@@ -195,11 +205,22 @@ def test_quantized_layers_become_matmul_nbits(made, quant):
     assert _genai_greedy(onnx_dir, ids[0].tolist(), 12) == greedy
 
 
+@pytest.mark.parametrize("name", ["int4-asym-g64", "int8"])
+def test_int8_activations_by_default(made, name):
+    """The default: ONNX Runtime's fast CPU path, activations rounded to int8 per block (accuracy_level 4)."""
+    art, onnx_dir = made("llama-wide", **QUANTS[name])
+    assert _attribute(onnx_dir, "MatMulNBits", "accuracy_level") == 4
+    ids = random_ids(1, 11)
+    ours, greedy = _mine(art, ids, 12)
+    torch.testing.assert_close(_ort_logits(onnx_dir, ids, 7)[0], ours, atol=INT8_ACTIVATIONS_ATOL, rtol=0)
+    assert _genai_greedy(onnx_dir, ids[0].tolist(), 12) == greedy
+
+
 def test_integer_zero_points_are_packed_uint8(made):
     import onnx
     from onnx import numpy_helper
 
-    _, onnx_dir = made("llama-wide", quant="int4", group_size=64, zero_points="int")
+    _, onnx_dir = made("llama-wide", activations="float", **QUANTS["int4-int-zp"])
     model = onnx.load(str(Path(onnx_dir) / "model.onnx"))
     init = {t.name: t for t in model.graph.initializer}
     node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
@@ -234,4 +255,6 @@ def test_refusals(tmp_path):
         lmforge.export(tmp_path / "fp8", format="onnx", output_dir=tmp_path / "fp8-onnx")
     with pytest.raises(LmforgeError, match="--outtype does not apply to --format onnx"):
         lmforge.export(tmp_path / "fp8", format="onnx", output_dir=tmp_path / "x", outtype="f16")
+    with pytest.raises(LmforgeError, match="--activations must be one of int8, float"):
+        lmforge.export(tmp_path / "fp8", format="onnx", output_dir=tmp_path / "x", activations="int4")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8"]  # nothing half-written
