@@ -62,7 +62,11 @@ SMOLLM_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, nu
 LLAMA_1B = dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                 num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=2048,
                 rope_theta=500000.0, tie_word_embeddings=True, rms_norm_eps=1e-5)  # Llama-3.2-1B's shape
-SHAPES = {"smollm-135m": SMOLLM_135M, "llama-1b": LLAMA_1B}
+# for the benchmark scripts' smoke tests: the same code paths in seconds, figures meaningless
+TINY = dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rope_theta=10000.0, tie_word_embeddings=True,
+            rms_norm_eps=1e-5)
+SHAPES = {"smollm-135m": SMOLLM_135M, "llama-1b": LLAMA_1B, "tiny": TINY}
 QUANTS = ("int4", "int4-head", "int4-q8", "fp8", "int8", "int8-head")
 # torch.export's own run_decompositions (inside lmforge.optimize) trips this deprecation warning of torch's
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")

@@ -57,7 +57,7 @@ def test_peers_cpu_bench_runs_onnxruntime_genai():
     model from the same weights and the table has its row beside lmforge's int4 rows."""
     pytest.importorskip("onnxruntime_genai")
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "peers_cpu.py"), "--ort-genai", "int4-b32",
-                             "--rounds", "1"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+                             "--rounds", "1", "--model", "tiny"], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {cells[1]: cells for cells in (re.split(r"\s{2,}", line) for line in result.stdout.splitlines())
             if cells[0] == "q4_0"}
@@ -66,17 +66,16 @@ def test_peers_cpu_bench_runs_onnxruntime_genai():
 
 
 def test_peers_quality_bench_scores_the_demo_model():
-    """bench/peers_quality.py, lmforge's bfloat16 and int8 rows (and ONNX Runtime GenAI's fp32 and int8 where the
+    """bench/peers_quality.py, lmforge's bfloat16 and int8 rows (and ONNX Runtime GenAI's fp32 where the
     `peers` extra is installed): perplexities of the trained demo model, int8 within 0.3 % of bfloat16."""
     ort = __import__("importlib").util.find_spec("onnxruntime_genai") is not None
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "peers_quality.py"), "--lmforge", "bfloat16,int8",
-                             *(["--ort-genai", "fp32,int8"] if ort else [])], capture_output=True, text=True,
+                             *(["--ort-genai", "fp32"] if ort else [])], capture_output=True, text=True,
                             timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {(cells[0], cells[1]): cells for cells in (re.split(r"\s{2,}", line) for line in result.stdout.splitlines())
             if cells[0] in ("lmforge", "onnxruntime-genai")}
-    want = {("lmforge", "bfloat16"), ("lmforge", "int8")} | ({("onnxruntime-genai", "fp32"),
-                                                             ("onnxruntime-genai", "int8")} if ort else set())
+    want = {("lmforge", "bfloat16"), ("lmforge", "int8")} | ({("onnxruntime-genai", "fp32")} if ort else set())
     assert set(rows) == want, result.stdout
     assert 60 < float(rows["lmforge", "bfloat16"][2]) < 90  # 74.4 measured
     assert abs(float(rows["lmforge", "int8"][3].rstrip(" %"))) < 0.3

@@ -3,14 +3,18 @@
 The file holds llama.cpp's tensor names (`blk.N.attn_q.weight`, ...), the metadata its loader requires
 (`general.architecture`, `<arch>.block_count`, `.context_length`, `.embedding_length`, `.feed_forward_length`,
 `.attention.head_count[_kv]`, `.rope.freq_base`, `.rope.dimension_count`, `.attention.layer_norm_rms_epsilon`),
-and the artifact's tokenizer (`tokenizer.ggml.*`: a byte-level BPE as model `gpt2`, or `none` when the
+and the artifact's tokenizer (`tokenizer.ggml.*`: a byte-level BPE as model `gpt2`, with the pre-tokenizer of
+GPT-2, Llama 3 or Qwen2 as its splitting regex says, or `none` when the
 artifact has no tokenizer, so llama.cpp runs on token ids).
 
 Architectures and how they map (`ARCHITECTURES`): Llama and Mistral become llama.cpp's `llama`, whose rotary
 embedding rotates adjacent pairs where Hugging Face's rotates halves, so the rows of q_proj and k_proj are
-permuted per head (`_pair_rows`); Qwen2 and Qwen3 keep their rows (llama.cpp rotates halves there too).
-llama.cpp's `llama` has no sliding window: a Mistral artifact whose window is shorter than its cache is
-refused, naming `--max-seq-len`.
+permuted per head (`_pair_rows`); Qwen2, Qwen3, Phi-3 and Gemma keep their rows (llama.cpp rotates halves
+there). Phi-3's fused qkv_proj and gate_up_proj are llama.cpp's attn_qkv and ffn_up as they are. Gemma's norm
+weights, which lmforge folds into 1 + w, are what llama.cpp's gemma reads (its converter adds the 1), written
+under the norms' names (`_norm_names`: each folded weight named by the layer that reads its norm), and its
+embedding scale is llama.cpp's own sqrt(hidden). llama.cpp's `llama` and `phi3` have no sliding window: an
+artifact whose window is shorter than its cache is refused, naming `--max-seq-len`.
 
 Weights (`--outtype`): norms and biases F32; the rest as the artifact holds them (F32, BF16 or F16) or as asked.
 An int4 artifact quantized symmetrically in groups of 32 becomes Q4_0 exactly: Q4_0 is a float16 scale d and
@@ -35,7 +39,8 @@ from lmforge.export.formats import ExportSource, Format, register_format, requir
 
 # model_type -> (llama.cpp architecture, whether q/k rows need the half-to-pair permutation)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                 "qwen3": ("qwen3", False)}
+                 "qwen3": ("qwen3", False), "phi3": ("phi3", False), "gemma": ("gemma", False)}
+_NO_WINDOW = ("llama", "phi3")  # llama.cpp architectures that attend without a sliding window
 OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0", "q4_0")
 _FLOAT_OUTTYPE = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
@@ -52,6 +57,8 @@ _NAMES = [
     (r"model\.layers\.(\d+)\.self_attn\.o_proj\.(weight|bias)", "blk.{}.attn_output.{}"),
     (r"model\.layers\.(\d+)\.self_attn\.q_norm\.weight", "blk.{}.attn_q_norm.weight"),
     (r"model\.layers\.(\d+)\.self_attn\.k_norm\.weight", "blk.{}.attn_k_norm.weight"),
+    (r"model\.layers\.(\d+)\.self_attn\.qkv_proj\.(weight|bias)", "blk.{}.attn_qkv.{}"),  # Phi-3: q, k, v rows
+    (r"model\.layers\.(\d+)\.mlp\.gate_up_proj\.weight", "blk.{}.ffn_up.weight"),  # Phi-3: gate then up rows
     (r"model\.layers\.(\d+)\.mlp\.gate_proj\.weight", "blk.{}.ffn_gate.weight"),
     (r"model\.layers\.(\d+)\.mlp\.up_proj\.weight", "blk.{}.ffn_up.weight"),
     (r"model\.layers\.(\d+)\.mlp\.down_proj\.weight", "blk.{}.ffn_down.weight"),
@@ -64,6 +71,40 @@ def gguf_name(name: str) -> str | None:
         if m:
             return target.format(*m.groups())
     return None
+
+
+def _norm_names(src: ExportSource) -> dict[str, str]:
+    """Norm weights constant-folded into new tensors (Gemma's 1 + w, which llama.cpp's gemma reads as its norm
+    weight) -> the source name of the norm they stand for, told by the first linear layer reading the norm's
+    output: attention's projections follow input_layernorm, the MLP's post_attention_layernorm, the lm_head
+    the final norm."""
+    ir = src.graph
+    if ir is None:
+        return {}
+    lm = torch.ops.lmforge
+    names: dict[str, str] = {}
+    for node in ir.graph.nodes:
+        if node.target not in (lm.rms_norm.default, lm.add_rms_norm.default):
+            continue
+        weight = node.args[1] if node.target is lm.rms_norm.default else node.args[2]
+        source = ir.weight_names.get(getattr(weight, "target", None), "")
+        if not source.startswith("lmforge.folded."):
+            continue
+        frontier, layer = list(node.users), None
+        while frontier and layer is None:
+            user = frontier.pop(0)
+            reads = [a for a in user.args[1:2] if getattr(a, "op", None) == "get_attr"]
+            if reads and (user.target is torch.ops.aten.linear.default or str(user.target).endswith("_linear.default")):
+                layer = ir.weight_names.get(reads[0].target, "").rsplit(".", 1)[0]
+            else:
+                frontier.extend(user.users)
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.\w+", layer or "")
+        if m:
+            norm = "input_layernorm" if m.group(2) == "self_attn" else "post_attention_layernorm"
+            names[source] = f"model.layers.{m.group(1)}.{norm}.weight"
+        elif layer == "lm_head":
+            names[source] = "model.norm.weight"
+    return names
 
 
 def _pair_rows(n_rows: int, n_heads: int) -> torch.Tensor:
@@ -114,14 +155,19 @@ def write(src: ExportSource, out: Path, step: Callable[[str], None], outtype: st
     arch, pair_rows = ARCHITECTURES[src.model_type]
     max_seq_len = src.artifact.max_seq_len
     window = cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None
-    require(arch != "llama" or not window or window >= max_seq_len,
-            f"llama.cpp's llama architecture has no sliding window, and this {src.model_type} artifact's window of "
+    require(arch not in _NO_WINDOW or not window or window >= max_seq_len,
+            f"llama.cpp's {arch} architecture has no sliding window, and this {src.model_type} artifact's window of "
             f"{window} tokens is shorter than its cache ({max_seq_len}); re-run `lmforge optimize` with "
             f"--max-seq-len {window}")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     require(rope.get("rope_type", rope.get("type", "default")) in ("default", None),
             f"--format gguf does not carry rope scaling {rope.get('rope_type', rope.get('type'))!r} yet")
     theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    require(float(cfg.get("partial_rotary_factor", 1.0)) == 1.0,
+            f"--format gguf does not carry a partial rotary embedding ({src.model_type}) yet")
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act")
+    require(arch != "gemma" or act in ("gelu_pytorch_tanh", None),
+            f"llama.cpp's gemma computes GELU's tanh form, not this artifact's {act}")
     n_heads, n_kv = int(cfg["num_attention_heads"]), int(cfg.get("num_key_value_heads") or cfg["num_attention_heads"])
     hidden = int(cfg["hidden_size"])
     head_dim = int(cfg.get("head_dim") or hidden // n_heads)
@@ -198,7 +244,14 @@ def write(src: ExportSource, out: Path, step: Callable[[str], None], outtype: st
         matrix(hf_name, scheme.dequantize(parts, config), described["scheme"])
 
     tied_only = False
+    folded = _norm_names(src)
     for name, t in src.weights.items():
+        if name.endswith("embed_tokens.embed_scale") and arch == "gemma":
+            require(abs(float(t) - hidden ** 0.5) <= 1e-2 * hidden ** 0.5,
+                    f"llama.cpp's gemma scales embeddings by sqrt({hidden}), not this artifact's {float(t)}")
+            continue  # llama.cpp's gemma applies it itself
+        if name in folded:
+            name = folded[name]  # written under the norm's own name
         if name in claimed or name.startswith("lmforge.") or src.kinds.get(name) == "buffer":
             continue
         target = src.checkpoint_name(name)  # a tied weight: the checkpoint's name for it (the embedding)
@@ -249,8 +302,32 @@ def write(src: ExportSource, out: Path, step: Callable[[str], None], outtype: st
     return summary
 
 
+# the splitting regexes of the byte-level BPE tokenizers llama.cpp knows, as tokenizer.json writes them before a
+# ByteLevel(use_regex=false) step -> llama.cpp's pre-tokenizer name (llama.cpp's converter tells them apart by
+# hashing their output; the regex is what makes that output)
+_CONTRACTIONS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_TAIL = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+PRE_TOKENIZERS = {
+    _CONTRACTIONS + r"\p{N}{1,3}" + _TAIL: "llama-bpe",  # Llama 3
+    _CONTRACTIONS + r"\p{N}" + _TAIL: "qwen2",  # Qwen2, Qwen2.5, Qwen3
+}
+
+
+def _pre_tokenizer(pre: dict) -> str | None:
+    """llama.cpp's name for a tokenizer.json pre_tokenizer, or None when llama.cpp has none that matches."""
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else []
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated"
+            and not steps[0].get("invert") and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex", True)):
+        return PRE_TOKENIZERS.get((steps[0].get("pattern") or {}).get("Regex"))
+    return None
+
+
 def _tokenizer(writer, src: ExportSource, vocab: int) -> None:
-    """tokenizer.ggml.*: a byte-level BPE tokenizer as llama.cpp's `gpt2` model, or `none` without one."""
+    """tokenizer.ggml.*: a byte-level BPE tokenizer as llama.cpp's `gpt2` model with the pre-tokenizer its regex
+    names (GPT-2's, Llama 3's, Qwen2's), or `none` without one."""
     import json
 
     files = {p.name: p for p in src.tokenizer_files()}
@@ -259,9 +336,10 @@ def _tokenizer(writer, src: ExportSource, vocab: int) -> None:
         return
     tok = json.loads(files["tokenizer.json"].read_text())
     model, pre = tok.get("model", {}), tok.get("pre_tokenizer") or {}
-    byte_level = model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
-    require(byte_level, "--format gguf carries byte-level BPE tokenizers with GPT-2's pre-tokenizer (this one is "
-                        f"{model.get('type')} with {pre.get('type')}); not yet others")
+    pre_name = _pre_tokenizer(pre) if model.get("type") == "BPE" else None
+    require(pre_name is not None, "--format gguf carries byte-level BPE tokenizers with GPT-2's, Llama 3's or "
+                                  f"Qwen2's pre-tokenizer (this one is {model.get('type')} with {pre.get('type')}); "
+                                  "not yet others")
     from gguf import TokenType
 
     tokens = [f"[PAD{i}]" for i in range(vocab)]
@@ -275,7 +353,7 @@ def _tokenizer(writer, src: ExportSource, vocab: int) -> None:
             types[added["id"]] = TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(pre_name)
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
@@ -301,6 +379,7 @@ register_format(Format(
     write=write,
     single_file=True,
     options={"outtype": OUTTYPES},
-    notes="Refuses int4 in other settings (optimize with --group-size 32 --symmetric), Mistral with a window "
-          "shorter than the cache (--max-seq-len), rope scaling, and tokenizers other than byte-level BPE.",
+    notes="Refuses int4 in other settings (optimize with --group-size 32 --symmetric), Mistral or Phi-3 with a "
+          "window shorter than the cache (--max-seq-len), rope scaling, partial rotary, and tokenizers other than "
+          "byte-level BPE with GPT-2's, Llama 3's or Qwen2's splitting.",
 ))

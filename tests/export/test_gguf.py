@@ -56,7 +56,30 @@ def _qwen3():
     return sharpened(model.eval())
 
 
-MODELS = {"llama": lambda: make_model("llama"), "qwen2": lambda: make_model("qwen2"), "mistral": _mistral_full_window,
+def _phi3():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    return sharpened(Phi3ForCausalLM(Phi3Config(
+        vocab_size=131, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval())
+
+
+def _gemma():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(vocab_size=131, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=1, head_dim=16,
+                                         max_position_embeddings=256)).eval()
+    with torch.no_grad():  # norms away from Gemma's zero init (1 + w), so a lost norm weight would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(-0.5, 0.5)
+    return sharpened(model)
+
+
+MODELS = {"llama": lambda: make_model("llama"), "phi3": _phi3, "gemma": _gemma, "qwen2": lambda: make_model("qwen2"), "mistral": _mistral_full_window,
           "llama-wide": _llama_wide, "qwen3": _qwen3}
 _made: dict[tuple, tuple[str, str]] = {}
 
@@ -97,7 +120,7 @@ def _their_greedy(path: str, ids: list[int], n: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "mistral", "qwen3", "phi3", "gemma"])
 def test_float32_export_runs_in_llama_cpp(made, model):
     art, gguf = made(model)
     ids = random_ids(1, 11)[0].tolist()
@@ -180,3 +203,48 @@ def test_refusals(made, tmp_path):
     with pytest.raises(LmforgeError, match="--outtype does not apply to --format hf"):
         lmforge.export(art, format="hf", output_dir=tmp_path / "x", outtype="q8_0")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g64", "gpt2", "swa"]  # nothing half-written
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2"])
+def test_llama3_and_qwen2_pre_tokenizers(tmp_path, pre):
+    """A byte-level BPE that splits with Llama 3's or Qwen2's regex (a Split step before ByteLevel) is written with
+    llama.cpp's name for that pre-tokenizer, and llama.cpp's tokenizer then gives the tokenizer's own ids."""
+    from gguf import GGUFReader
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from lmforge.export.gguf import PRE_TOKENIZERS
+
+    regex = next(r for r, name in PRE_TOKENIZERS.items() if name == pre)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    text = ["The year 2024 had 366 days; it's 12345 steps.", "We'll see what they've done:\n\n  x = 42 ", "Ünïcödé wörds"]
+    tok.train_from_iterator(text * 50, trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                         special_tokens=["<|end|>"]))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, eos_token_id=0)).eval()
+    lmforge.optimize(model, tmp_path / "art", dtype="float32", max_seq_len=64,
+                     tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>"))
+    lmforge.export(tmp_path / "art", format="gguf", output_dir=tmp_path / "m.gguf")
+    field = GGUFReader(str(tmp_path / "m.gguf")).fields["tokenizer.ggml.pre"]
+    assert bytes(field.parts[field.data[0]]).decode() == pre
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, verbose=False, n_threads=2)
+    for sample in [*text, "Numbers 1234567 and 89, then it'd end."]:
+        assert llm.tokenize(sample.encode(), add_bos=False, special=False) == tok.encode(sample).ids, sample
+
+
+def test_other_pre_tokenizers_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["a b c d e"] * 10, trainers.BpeTrainer(vocab_size=40))
+    lmforge.optimize(make_model("llama"), tmp_path / "art", dtype="float32", max_seq_len=64,
+                     tokenizer=PreTrainedTokenizerFast(tokenizer_object=tok))
+    with pytest.raises(LmforgeError, match="GPT-2's, Llama 3's or Qwen2's pre-tokenizer.*BPE with Whitespace"):
+        lmforge.export(tmp_path / "art", format="gguf", output_dir=tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()

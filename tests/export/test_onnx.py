@@ -205,7 +205,7 @@ def test_quantized_layers_become_matmul_nbits(made, name):
     assert _genai_greedy(onnx_dir, ids[0].tolist(), 12) == greedy
 
 
-@pytest.mark.parametrize("name", ["int4-asym-g64", "int8"])
+@pytest.mark.parametrize("name", ["int4-asym-g64"])
 def test_int8_activations_by_default(made, name):
     """The default: ONNX Runtime's fast CPU path, activations rounded to int8 per block (accuracy_level 4)."""
     art, onnx_dir = made("llama-wide", **QUANTS[name])
