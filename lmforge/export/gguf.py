@@ -78,6 +78,8 @@ def _norm_names(src: ExportSource) -> dict[str, str]:
     weight) -> the source name of the norm they stand for, told by the first linear layer reading the norm's
     output: attention's projections follow input_layernorm, the MLP's post_attention_layernorm, the lm_head
     the final norm."""
+    from lmforge.ir.linear import as_linear
+
     ir = src.graph
     if ir is None:
         return {}
@@ -93,9 +95,9 @@ def _norm_names(src: ExportSource) -> dict[str, str]:
         frontier, layer = list(node.users), None
         while frontier and layer is None:
             user = frontier.pop(0)
-            reads = [a for a in user.args[1:2] if getattr(a, "op", None) == "get_attr"]
-            if reads and (user.target is torch.ops.aten.linear.default or str(user.target).endswith("_linear.default")):
-                layer = ir.weight_names.get(reads[0].target, "").rsplit(".", 1)[0]
+            linear = as_linear(user)
+            if linear is not None:
+                layer = ir.weight_names.get(linear.weight.target, "").rsplit(".", 1)[0]
             else:
                 frontier.extend(user.users)
         m = re.fullmatch(r"model\.layers\.(\d+)\.(self_attn|mlp)\.\w+", layer or "")

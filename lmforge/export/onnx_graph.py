@@ -28,6 +28,8 @@ from torch import fx
 from lmforge.export import onnx_ops
 from lmforge.export.formats import require
 from lmforge.ir.graph import GraphIR
+from lmforge.ir.spec import spec_of
+from lmforge.quant import int4
 
 lmforge = torch.ops.lmforge
 aten = torch.ops.aten
@@ -181,7 +183,7 @@ def _position_table(arg, position_ids: fx.Node) -> str | None:
 
 
 def _dims(arg) -> tuple:
-    spec = arg.meta.get("spec") if isinstance(arg, fx.Node) else None
+    spec = spec_of(arg)
     return tuple(spec.shape) if spec is not None else ()
 
 
@@ -249,7 +251,7 @@ def _int4_blocks(ir: GraphIR, node: fx.Node):
         u = z.to(torch.uint8)
         if u.shape[1] % 2:
             u = torch.cat([u, torch.zeros_like(u[:, :1])], 1)
-        zp = u[:, 0::2] | (u[:, 1::2] << 4)  # two blocks a byte, the first in the low nibble
+        zp = int4.pack(u)  # two blocks a byte, the first in the low nibble: int4's own packing
     else:
         zp = z.float()
     return x, b, s, zp, k, n, 4, group, rest[0] if rest else node.kwargs.get("bias")
@@ -286,17 +288,9 @@ def _widen(ir: GraphIR) -> None:
         if t.dtype in _HALVES:
             ir.set_weight(attr, t.float())
     for node in ir.graph.nodes:
-        node.args = _wide(node.args)
-        node.kwargs = _wide(node.kwargs)
+        node.args = fx.node.map_aggregate(node.args, _wide)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, _wide)
 
 
 def _wide(value):
-    if isinstance(value, torch.dtype):
-        return torch.float32 if value in _HALVES else value
-    if isinstance(value, tuple):
-        return tuple(_wide(v) for v in value)
-    if isinstance(value, list):
-        return [_wide(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _wide(v) for k, v in value.items()}
-    return value
+    return torch.float32 if isinstance(value, torch.dtype) and value in _HALVES else value

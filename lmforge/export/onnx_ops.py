@@ -26,6 +26,7 @@ from onnxscript._internal.values import Opset
 
 from lmforge.codegen import attention as attention_op
 from lmforge.export import onnx_schemas
+from lmforge.quant import int4
 
 onnx_schemas.register()
 _ms = Opset(onnx_schemas.MS_DOMAIN, 1)
@@ -69,14 +70,11 @@ def rotary_embedding_reference(x, position_ids, cos_cache, sin_cache):
 def dequantize_blocks(b, scales, zero_points, k: int, bits: int, block_size: int) -> torch.Tensor:
     """MatMulNBits' weight as a float (N, K) matrix: (q - zero point) * scale per block of K."""
     n, blocks = scales.shape
-    if bits == 4:
-        q = torch.stack((b & 0xF, b >> 4), -1).reshape(n, blocks * block_size)
-    else:
-        q = b.reshape(n, blocks * block_size)
+    q = int4.unpack(b.reshape(n, -1)) if bits == 4 else b.reshape(n, blocks * block_size)
     if zero_points is None:
         zp = torch.full((n, blocks), float(1 << (bits - 1)))
     elif zero_points.dtype == torch.uint8 and bits == 4:
-        zp = torch.stack((zero_points & 0xF, zero_points >> 4), -1).reshape(n, -1)[:, :blocks].float()
+        zp = int4.unpack(zero_points)[:, :blocks].float()
     else:
         zp = zero_points.float()
     w = (q.float().reshape(n, blocks, block_size) - zp[..., None]) * scales.float()[..., None]
